@@ -1,0 +1,43 @@
+# jitgate: `make demo` and `make test` are the whole quick start.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test check lint typecheck unit protos up bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# Start the whole stack, show an agent getting, being denied and losing a grant.
+demo: $(STAMP)
+	$(BIN)/jitgate demo
+
+# Start the stack in the foreground (Ctrl-C stops it).
+up: $(STAMP)
+	$(BIN)/jitgate up
+
+test: check unit
+
+check: lint typecheck
+
+lint: $(STAMP)
+	$(BIN)/ruff check services tests bench protos
+	$(BIN)/ruff format --check services tests bench protos
+
+# mypy resolves `jitgate` through a link to services/, the package's root.
+typecheck: $(STAMP)
+	@mkdir -p .build/typing && ln -sfn ../../services .build/typing/jitgate
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest
+
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+clean:
+	rm -rf .build .jitgate .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""What every jitgate service shares: errors, mTLS identity, config, keys, serving."""
