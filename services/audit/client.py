@@ -1,0 +1,37 @@
+"""How core services append to audit: durable within a deadline, or Unavailable."""
+
+from __future__ import annotations
+
+import grpc
+
+from jitgate.common.errors import Unavailable
+from jitgate.v1 import audit_pb2, audit_pb2_grpc
+
+
+class AuditClient:
+    """Appends events over one long-lived mTLS channel."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
+        self._stub = audit_pb2_grpc.AuditStub(channel)
+
+    async def append(
+        self, event: audit_pb2.AuditEvent, *, timeout: float
+    ) -> audit_pb2.AppendResponse:
+        """Return the receipt once the record is durable; any failure is Unavailable.
+
+        Whatever went wrong (audit down, slow, full, or refusing us), the record
+        is not known to be durable, so the caller must fail closed.
+        """
+        try:
+            response: audit_pb2.AppendResponse = await self._stub.Append(
+                audit_pb2.AppendRequest(event=event), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            call: grpc.Call = exc  # type: ignore[assignment]  # aio errors are calls
+            raise Unavailable("audit", f"{call.code().name}: {call.details()}") from exc
+        return response
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
