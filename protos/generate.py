@@ -17,15 +17,23 @@ def generate(out: Path) -> list[Path]:
     import grpc_tools  # type: ignore[import-untyped]  # grpcio-tools ships no stubs
     from grpc_tools import protoc
 
-    sources = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / "jitgate" / "v1").glob("*.proto"))
+    sources = sorted(
+        str(p.relative_to(PROTOS)) for p in (PROTOS / "jitgate" / "v1").glob("*.proto")
+    )
     include = Path(grpc_tools.__file__).parent / "_proto"
+    # mypy-protobuf's plugins write typed .pyi stubs for messages and for the
+    # grpc.aio stubs and servicers; they sit beside the interpreter running us.
+    plugins = Path(sys.executable).parent
     with tempfile.TemporaryDirectory() as tmp:
         args = [
             "protoc",
             f"-I{PROTOS}",
             f"-I{include}",
             f"--python_out={tmp}",
-            f"--pyi_out={tmp}",
+            f"--plugin=protoc-gen-mypy={plugins / 'protoc-gen-mypy'}",
+            f"--plugin=protoc-gen-mypy_grpc={plugins / 'protoc-gen-mypy_grpc'}",
+            f"--mypy_out={tmp}",
+            f"--mypy_grpc_out={tmp}",
             f"--grpc_python_out={tmp}",
             *sources,
         ]

@@ -34,4 +34,4 @@ class AuditClient:
 
     async def close(self) -> None:
         """Close the channel."""
-        await self._channel.close()
+        await self._channel.close(grace=None)
