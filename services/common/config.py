@@ -84,6 +84,13 @@ class Env:
             return default
         return tuple(part.strip() for part in value.split(",") if part.strip())
 
+    def paths(self, name: str) -> tuple[Path, ...]:
+        """Return the variable as comma-separated paths; at least one is required."""
+        values = self.names(name, ())
+        if not values:
+            raise ConfigError(f"{name} is required (one or more comma-separated paths)")
+        return tuple(Path(value).expanduser() for value in values)
+
     def tls(self) -> TlsFiles:
         """Return this workload's TLS files from JITGATE_TLS_{CA,CERT,KEY}."""
         return TlsFiles(

@@ -34,6 +34,9 @@ ANY_WORKLOAD = "*"
 Handler = Any
 Context = Any
 
+ServicerContext = grpc.aio.ServicerContext[Any, Any]
+"""What servicers annotate their context with."""
+
 
 class _Malformed:
     """Stands in for a request whose bytes did not decode."""

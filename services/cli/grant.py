@@ -1,0 +1,150 @@
+"""`jitgate grant request|get|list|revoke`: the agent's side of the Issuer API.
+
+Exit codes tell outcomes apart for scripts: 0 done, 3 denied, 4 token rejected,
+5 jitgate unavailable, 6 no such grant, 2 a malformed request or a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from jitgate.client import (
+    Denied,
+    Grant,
+    GrantError,
+    InvalidRequest,
+    IssuerClient,
+    NotFound,
+    Unauthenticated,
+)
+from jitgate.common.errors import ConfigError
+
+EXIT_OK, EXIT_USAGE, EXIT_DENIED, EXIT_UNAUTHENTICATED, EXIT_UNAVAILABLE, EXIT_NOT_FOUND = (
+    0,
+    2,
+    3,
+    4,
+    5,
+    6,
+)
+
+
+def register(verbs: Any) -> None:
+    """Add the grant verb and its actions."""
+    cmd = verbs.add_parser("grant", help="request, list, inspect and revoke grants")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--issuer", default=os.environ.get("JITGATE_ISSUER"), help="host:port ($JITGATE_ISSUER)"
+    )
+    common.add_argument(
+        "--ca",
+        type=Path,
+        default=os.environ.get("JITGATE_CA"),
+        help="CA bundle for the issuer's certificate ($JITGATE_CA; default: system trust)",
+    )
+    common.add_argument("--token-file", type=Path, help="file holding the access token")
+    common.add_argument("--json", action="store_true", help="print JSON")
+    common.add_argument("--timeout", type=float, default=5.0)
+    sub = cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    request = sub.add_parser("request", parents=[common], help="ask for a grant to CONNECTION")
+    request.add_argument("connection")
+    request.add_argument("--ttl", type=int, default=0, help="seconds; 0 = the binding's maximum")
+    request.add_argument("--reason", default="")
+    request.set_defaults(func=run)
+    get = sub.add_parser("get", parents=[common], help="show one of your live grants")
+    get.add_argument("grant_id")
+    get.set_defaults(func=run)
+    listing = sub.add_parser("list", parents=[common], help="your live grants")
+    listing.set_defaults(func=run)
+    revoke = sub.add_parser("revoke", parents=[common], help="revoke one of your grants")
+    revoke.add_argument("grant_id")
+    revoke.add_argument("--reason", default="")
+    revoke.set_defaults(func=run)
+
+
+def _token(args: argparse.Namespace) -> str:
+    """The access token: --token-file, else $JITGATE_TOKEN (never a flag: argv is public)."""
+    if args.token_file is not None:
+        try:
+            token: str = args.token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read token file {args.token_file}: {exc.strerror}") from exc
+    else:
+        token = os.environ.get("JITGATE_TOKEN", "").strip()
+    if not token:
+        raise ConfigError("no access token: set JITGATE_TOKEN or pass --token-file")
+    return token
+
+
+def _show(grant: Grant, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(grant.as_dict()))
+        return
+    print(f"grant {grant.grant_id}")
+    print(f"  connection  {grant.connection} ({grant.connection_kind})")
+    print(f"  subject     {grant.subject}")
+    print(f"  expires     {grant.expires_at:%Y-%m-%d %H:%M:%S} UTC")
+    print(f"  proxy       {grant.proxy_endpoint}")
+    if grant.token:
+        print(f"  token       {grant.token}")
+
+
+def _fail(error: GrantError, as_json: bool) -> int:
+    if isinstance(error, Denied):
+        code, kind = EXIT_DENIED, "denied"
+    elif isinstance(error, Unauthenticated):
+        code, kind = EXIT_UNAUTHENTICATED, "unauthenticated"
+    elif isinstance(error, NotFound):
+        code, kind = EXIT_NOT_FOUND, "not_found"
+    elif isinstance(error, InvalidRequest):
+        code, kind = EXIT_USAGE, "invalid_argument"
+    else:
+        code, kind = EXIT_UNAVAILABLE, "unavailable"
+    if as_json:
+        out: dict[str, Any] = {"error": kind, "message": str(error)}
+        if isinstance(error, Denied):
+            out["reason"] = error.reason
+            out["retry_after"] = error.retry_after
+        print(json.dumps(out))
+    else:
+        print(f"jitgate: {kind}: {error}", file=sys.stderr)
+    return code
+
+
+def _act(client: IssuerClient, args: argparse.Namespace) -> None:
+    if args.action == "request":
+        grant = client.request_grant(args.connection, ttl_seconds=args.ttl, reason=args.reason)
+        _show(grant, args.json)
+    elif args.action == "get":
+        _show(client.get_grant(args.grant_id), args.json)
+    elif args.action == "list":
+        grants = client.list_grants()
+        if args.json:
+            print(json.dumps([g.as_dict() for g in grants]))
+            return
+        for g in grants:
+            print(f"{g.grant_id}  {g.connection:<24} expires {g.expires_at:%H:%M:%S} UTC")
+    else:
+        revoked = client.revoke_grant(args.grant_id, reason=args.reason)
+        if args.json:
+            print(json.dumps({"grant_id": args.grant_id, "revoked_at": revoked.isoformat()}))
+        else:
+            print(f"revoked {args.grant_id} at {revoked:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Perform one grant action and return its exit code."""
+    if not args.issuer:
+        raise ConfigError("no issuer: set JITGATE_ISSUER or pass --issuer host:port")
+    client = IssuerClient(args.issuer, token=_token(args), ca_file=args.ca, timeout=args.timeout)
+    try:
+        with client:
+            _act(client, args)
+    except GrantError as error:
+        return _fail(error, args.json)
+    return EXIT_OK

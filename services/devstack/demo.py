@@ -1,0 +1,122 @@
+"""`jitgate demo`: start the stack, and show an agent get, be denied and lose a grant."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from jitgate.audit.chain import verify_database
+from jitgate.client import Denied, Grant, IssuerClient, Unauthenticated
+from jitgate.common import tls
+from jitgate.devstack import idp
+from jitgate.devstack.stack import Stack
+from jitgate.v1 import audit_pb2, audit_pb2_grpc
+
+AGENT = "deploy-bot"
+Say = Callable[[str], None]
+
+
+class DemoFailed(Exception):
+    """A step did not behave as jitgate promises."""
+
+
+def _forged_token(real: str) -> str:
+    """The real token's claims, re-signed with an attacker's own RSA key under the real kid."""
+    header = jwt.get_unverified_header(real)
+    claims = jwt.decode(real, options={"verify_signature": False})
+    attacker = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return idp.mint(claims, key=attacker, kid=header.get("kid"))
+
+
+def _audit_kinds(stack: Stack) -> Counter[str]:
+    """Read the whole audit log over gRPC as the auditor identity."""
+    credentials = tls.channel_credentials(stack.pki.files("auditor"))
+    options = [("grpc.ssl_target_name_override", "audit")]
+    with grpc.secure_channel(stack.address("audit"), credentials, options=options) as channel:
+        records = audit_pb2_grpc.AuditStub(channel).Read(
+            audit_pb2.ReadRequest(from_index=0), timeout=5
+        )
+        return Counter(str(r.event.WhichOneof("kind")) for r in records)
+
+
+def _scope(grant: Grant) -> str:
+    claims = jwt.decode(grant.token, options={"verify_signature": False})
+    return f"sub={claims['sub']} con={claims['con']} aud={claims['aud']} jti={claims['jti'][:8]}…"
+
+
+def _steps(stack: Stack, say: Say) -> None:
+    token = stack.token(AGENT)
+    groups = jwt.decode(token, options={"verify_signature": False}).get("groups")
+    say(f"[2/7] {AGENT} authenticates to the IdP (client credentials); groups: {groups}")
+    with IssuerClient(stack.address("issuer"), token=token, ca_file=stack.pki.ca) as agent:
+        say(f'[3/7] {AGENT} asks for orders-replica for 120 s: "investigate slow order queries"')
+        grant = agent.request_grant(
+            "orders-replica", ttl_seconds=120, reason="investigate slow order queries"
+        )
+        left = grant.expires_at.timestamp() - time.time()
+        say(f"      ALLOWED  grant {grant.grant_id} for {grant.connection}, {left:.0f} s left")
+        say(f"      the grant token names one connection: {_scope(grant)}")
+        say(f"      present it to the proxy at {grant.proxy_endpoint}; no password leaves jitgate")
+        say(f"[4/7] {AGENT} asks for billing-primary")
+        try:
+            agent.request_grant("billing-primary", reason="refund a customer")
+            raise DemoFailed("billing-primary was granted to a group with no binding for it")
+        except Denied as denied:
+            say(f"      DENIED   {denied.reason}: {denied.message}")
+        say("[5/7] a forged token (attacker's key, the IdP's kid) asks for orders-replica")
+        forged = IssuerClient(
+            stack.address("issuer"), token=_forged_token(token), ca_file=stack.pki.ca
+        )
+        with forged:
+            try:
+                forged.request_grant("orders-replica")
+                raise DemoFailed("a forged token got a grant")
+            except Unauthenticated as rejected:
+                say(f"      REJECTED UNAUTHENTICATED: {rejected}")
+        live = agent.list_grants()
+        say(f"[6/7] {AGENT} lists its grants: {[g.grant_id for g in live]}")
+        if [g.grant_id for g in live] != [grant.grant_id]:
+            raise DemoFailed("the live grant is not listed")
+        agent.revoke_grant(grant.grant_id, reason="done investigating")
+        after = agent.list_grants()
+        say(f"      revoked {grant.grant_id}; live grants now: {[g.grant_id for g in after]}")
+        if after:
+            raise DemoFailed("a revoked grant is still listed")
+    kinds = _audit_kinds(stack)
+    say(f"[7/7] the audit log, read as the auditor: {json.dumps(dict(sorted(kinds.items())))}")
+
+
+def run(say: Say = print) -> int:
+    """Run the demo in a temporary directory; 0 when every step behaved as promised."""
+    with tempfile.TemporaryDirectory(prefix="jitgate-demo-") as tmp:
+        stack = Stack(Path(tmp), redis_url=os.environ.get("REDIS_URL"))
+        say("jitgate demo: one agent, one connection, one short-lived grant")
+        started = time.monotonic()
+        say("[1/7] starting redis, the dev IdP, audit, verifier, policy and issuer ...")
+        try:
+            stack.start()
+            took = time.monotonic() - started
+            say(f"      all SERVING in {took:.1f} s: separate processes, mTLS between them")
+            _steps(stack, say)
+        except DemoFailed as failed:
+            say(f"DEMO FAILED: {failed}")
+            return 1
+        finally:
+            stack.stop()
+        report = verify_database(stack.audit_db)
+        if not report.intact:
+            say(f"DEMO FAILED: audit chain broken at {report.broken_at}: {report.reason}")
+            return 1
+        head = report.head.hex()[:16]
+        say(f"      offline check: chain intact, {report.count} records, head {head}…")
+        say("done: everything stopped, nothing left running.")
+    return 0

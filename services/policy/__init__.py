@@ -1,0 +1,1 @@
+"""Least-scope decisions: one group to one named connection, deny by default."""

@@ -1,0 +1,311 @@
+"""The issuer over real TLS with a real policy service, audit stand-in and real Redis.
+
+The verifier here is a stand-in that signs real assertions: the token checks
+themselves are the verifier's tests; end-to-end tests run the real one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+import redis
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from jitgate import client as sdk
+from jitgate.audit.client import AuditClient
+from jitgate.common import assertion, grants, redisconn, tls
+from jitgate.common.errors import Unauthenticated
+from jitgate.common.rpc import ServicerContext
+from jitgate.devstack.pki import DevPki
+from jitgate.devstack.redis_server import RedisServer
+from jitgate.issuer.servicer import IssuerServicer, IssuerSettings, bearer_token
+from jitgate.issuer.store import GrantStore
+from jitgate.policy import model
+from jitgate.policy.revocations import Revocations
+from jitgate.policy.servicer import ACL as POLICY_ACL
+from jitgate.policy.servicer import PolicyServicer, PolicySettings
+from jitgate.v1 import (
+    issuer_pb2,
+    issuer_pb2_grpc,
+    policy_pb2_grpc,
+    types_pb2,
+    verifier_pb2,
+    verifier_pb2_grpc,
+)
+from tests.support import AUDIT_ACL, RecordingAudit, running, serve_audit
+
+T = TypeVar("T")
+VERIFIER_KEY = Ed25519PrivateKey.generate()
+POLICY = model.parse(
+    """
+[connections.orders-replica]
+kind = "postgres"
+[connections.billing-primary]
+kind = "postgres"
+[[bindings]]
+group = "platform"
+connection = "orders-replica"
+max_ttl = "5m"
+"""
+)
+
+
+class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
+    """Accepts "good:<subject>" tokens; "down" plays an unreachable IdP."""
+
+    def __init__(self) -> None:
+        self.edges: list[types_pb2.EdgeContext] = []
+
+    async def Verify(
+        self, request: verifier_pb2.VerifyRequest, context: ServicerContext
+    ) -> verifier_pb2.VerifyResponse:
+        self.edges.append(request.edge)
+        if request.token == "down":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "jwks unreachable")
+        if not request.token.startswith("good:"):
+            raise Unauthenticated("signature")
+        subject = request.token.removeprefix("good:")
+        identity = assertion.Identity(
+            subject=subject,
+            client_id=subject,
+            groups=("platform",),
+            token_expires_at=time.time() + 3600,
+            issuer="https://idp",
+        )
+        token, _ = assertion.sign(
+            assertion.signer(VERIFIER_KEY, "jitgate"),
+            identity,
+            trust_domain="jitgate",
+            now=time.time(),
+            lifetime=30,
+        )
+        stamp = Timestamp()
+        stamp.FromSeconds(int(identity.token_expires_at))
+        return verifier_pb2.VerifyResponse(
+            identity=types_pb2.Identity(
+                subject=subject, client_id=subject, groups=["platform"], token_expires_at=stamp
+            ),
+            assertion=token,
+        )
+
+
+@dataclass
+class Rig:
+    issuer: str
+    ca: Any
+    audit: RecordingAudit
+    verifier: FakeVerifier
+
+    def client(self, token: str) -> sdk.IssuerClient:
+        return sdk.IssuerClient(self.issuer, token=token, ca_file=self.ca, timeout=5)
+
+
+async def call(rig: Rig, token: str, action: Callable[[sdk.IssuerClient], T]) -> T:
+    """Run a synchronous SDK call off the loop that serves the in-process services."""
+
+    def run() -> T:
+        with rig.client(token) as agent:
+            return action(agent)
+
+    return await asyncio.to_thread(run)
+
+
+@pytest.fixture
+async def rig(
+    dev_pki: DevPki, redis_server: RedisServer, redis_admin: redis.Redis
+) -> AsyncIterator[Rig]:
+    audit, fake_verifier = RecordingAudit(), FakeVerifier()
+    credentials = tls.channel_credentials(dev_pki.files("issuer"))
+    async with (
+        running(dev_pki, "audit", serve_audit(audit), AUDIT_ACL) as audit_port,
+        running(
+            dev_pki,
+            "verifier",
+            lambda s: verifier_pb2_grpc.add_VerifierServicer_to_server(fake_verifier, s),
+            {"/jitgate.v1.Verifier/Verify": frozenset({"issuer"})},
+        ) as verifier_port,
+    ):
+        audit_channel = tls.secure_channel(
+            f"127.0.0.1:{audit_port}",
+            tls.channel_credentials(dev_pki.files("policy")),
+            server_name="audit",
+        )
+        policy_servicer = PolicyServicer(
+            policy=lambda: POLICY,
+            assertions=assertion.checker([VERIFIER_KEY.public_key()], "jitgate"),
+            signer=grants.token_signer(Ed25519PrivateKey.generate(), "jitgate"),
+            audit=AuditClient(audit_channel),
+            revocations=Revocations(redisconn.connect(redis_server.url("policy"))),
+            settings=PolicySettings(grant_audience="spiffe://jitgate/proxy", audit_deadline=0.5),
+            clock=time.time,
+        )
+        async with running(
+            dev_pki,
+            "policy",
+            lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(policy_servicer, s),
+            POLICY_ACL,
+        ) as policy_port:
+            verifier_channel = tls.secure_channel(
+                f"127.0.0.1:{verifier_port}", credentials, server_name="verifier"
+            )
+            policy_channel = tls.secure_channel(
+                f"127.0.0.1:{policy_port}", credentials, server_name="policy"
+            )
+            store = GrantStore(redisconn.connect(redis_server.url("issuer")))
+            issuer = IssuerServicer(
+                verifier=verifier_pb2_grpc.VerifierStub(verifier_channel),
+                policy=policy_pb2_grpc.PolicyStub(policy_channel),
+                store=store,
+                settings=IssuerSettings(proxy_endpoint="127.0.0.1:6432", deadline=1.5),
+                clock=time.time,
+            )
+            async with running(
+                dev_pki,
+                "issuer",
+                lambda s: issuer_pb2_grpc.add_IssuerServicer_to_server(issuer, s),
+                None,
+            ) as issuer_port:
+                yield Rig(
+                    issuer=f"127.0.0.1:{issuer_port}",
+                    ca=dev_pki.ca,
+                    audit=audit,
+                    verifier=fake_verifier,
+                )
+            for ch in (verifier_channel, policy_channel, audit_channel):
+                await ch.close()
+            await store.close()
+
+
+async def test_request_stores_the_grant_until_it_expires(
+    rig: Rig, redis_admin: redis.Redis
+) -> None:
+    grant = await call(
+        rig,
+        "good:deploy-bot",
+        lambda a: a.request_grant("orders-replica", ttl_seconds=90, reason="r"),
+    )
+    assert grant.connection == "orders-replica"
+    assert grant.connection_kind == "postgres"
+    assert grant.subject == "deploy-bot"
+    assert grant.token
+    assert grant.proxy_endpoint == "127.0.0.1:6432"
+    assert 88_000 < redis_admin.pttl(grants.grant_key(grant.grant_id)) <= 90_000
+    assert rig.audit.kinds() == ["decision"]
+    assert rig.verifier.edges[0].rpc == "RequestGrant"
+    assert rig.verifier.edges[0].user_agent.startswith("jitgate-client/")
+
+
+async def test_get_and_list_show_only_the_callers_grants_without_tokens(rig: Rig) -> None:
+    mine = await call(rig, "good:deploy-bot", lambda a: a.request_grant("orders-replica"))
+    theirs = await call(rig, "good:other-bot", lambda a: a.request_grant("orders-replica"))
+    listed = await call(rig, "good:deploy-bot", lambda a: a.list_grants())
+    assert [g.grant_id for g in listed] == [mine.grant_id]
+    assert listed[0].token == ""
+    got = await call(rig, "good:deploy-bot", lambda a: a.get_grant(mine.grant_id))
+    assert (got.grant_id, got.token) == (mine.grant_id, "")
+    with pytest.raises(sdk.NotFound):
+        await call(rig, "good:deploy-bot", lambda a: a.get_grant(theirs.grant_id))
+
+
+async def test_revoke_goes_through_policy_and_forgets_the_grant(
+    rig: Rig, redis_admin: redis.Redis
+) -> None:
+    grant = await call(rig, "good:deploy-bot", lambda a: a.request_grant("orders-replica"))
+    with pytest.raises(sdk.NotFound):
+        await call(rig, "good:other-bot", lambda a: a.revoke_grant(grant.grant_id))
+    await call(rig, "good:deploy-bot", lambda a: a.revoke_grant(grant.grant_id, reason="done"))
+    assert not redis_admin.exists(grants.grant_key(grant.grant_id))
+    assert redis_admin.exists(grants.revoked_key(grant.grant_id))
+    assert await call(rig, "good:deploy-bot", lambda a: a.list_grants()) == []
+    assert rig.audit.kinds() == ["decision", "revocation"]
+
+
+async def test_a_denial_reaches_the_agent_with_its_reason(
+    rig: Rig, redis_admin: redis.Redis
+) -> None:
+    with pytest.raises(sdk.Denied) as raised:
+        await call(rig, "good:deploy-bot", lambda a: a.request_grant("billing-primary"))
+    assert raised.value.reason == "NO_BINDING"
+    assert not redis_admin.keys("grant:*")
+
+
+@pytest.mark.parametrize("token", ["forged", "good:"[:-1], "x" * 9000])
+async def test_a_bad_token_is_unauthenticated_and_says_nothing(rig: Rig, token: str) -> None:
+    with pytest.raises(sdk.Unauthenticated) as raised:
+        await call(rig, token, lambda a: a.request_grant("orders-replica"))
+    assert str(raised.value) == "authentication failed"
+
+
+async def test_a_missing_bearer_is_unauthenticated(rig: Rig) -> None:
+    async with tls.secure_channel(
+        rig.issuer, grpc.ssl_channel_credentials(rig.ca.read_bytes()), server_name="issuer"
+    ) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await issuer_pb2_grpc.IssuerStub(ch).ListGrants(
+                issuer_pb2.ListGrantsRequest(), timeout=5
+            )
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_the_verifier_down_is_unavailable(rig: Rig, redis_admin: redis.Redis) -> None:
+    with pytest.raises(sdk.Unavailable):
+        await call(rig, "down", lambda a: a.request_grant("orders-replica"))
+    assert not redis_admin.keys("grant:*")
+
+
+async def test_audit_down_is_unavailable_and_leaves_no_grant(
+    rig: Rig, redis_admin: redis.Redis
+) -> None:
+    rig.audit.mode = "stall"
+    started = time.monotonic()
+    with pytest.raises(sdk.Unavailable):
+        await call(rig, "good:deploy-bot", lambda a: a.request_grant("orders-replica"))
+    assert time.monotonic() - started < 2.5
+    assert not redis_admin.keys("grant:*")
+
+
+@pytest.mark.parametrize(
+    ("action", "field"),
+    [
+        (lambda a: a.request_grant(""), "connection"),
+        (lambda a: a.request_grant("x y"), "connection"),
+        (lambda a: a.request_grant("orders-replica", ttl_seconds=10**6), "ttl_seconds"),
+        (lambda a: a.request_grant("orders-replica", reason="\x07"), "reason"),
+        (lambda a: a.get_grant("../../etc"), "grant_id"),
+        (lambda a: a.revoke_grant("G" * 32), "grant_id"),
+    ],
+)
+async def test_malformed_requests_name_the_field(
+    rig: Rig, action: Callable[[sdk.IssuerClient], object], field: str
+) -> None:
+    with pytest.raises(sdk.InvalidRequest) as raised:
+        await call(rig, "good:deploy-bot", action)
+    assert raised.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("metadata", "check"),
+    [
+        ([], "bearer"),
+        ([("authorization", "Basic abc")], "bearer"),
+        ([("authorization", "Bearer ")], "bearer"),
+        ([("authorization", "Bearer a"), ("authorization", "Bearer b")], "bearer"),
+        ([("authorization", b"Bearer a")], "bearer"),
+        ([("authorization", "Bearer " + "a" * 9000)], "size"),
+    ],
+)
+def test_bearer_token_rejections(metadata: list[tuple[str, str | bytes]], check: str) -> None:
+    with pytest.raises(Unauthenticated) as raised:
+        bearer_token(metadata)
+    assert raised.value.check == check
+
+
+def test_bearer_scheme_is_case_insensitive() -> None:
+    assert bearer_token([("authorization", "bearer abc")]) == "abc"

@@ -1,0 +1,301 @@
+"""The policy service over real mTLS: decide, record durably, and only then sign."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import redis
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from jitgate.audit.client import AuditClient
+from jitgate.common import assertion, grants, redisconn, tls
+from jitgate.common.assertion import Identity
+from jitgate.common.grants import GrantRecord
+from jitgate.devstack.pki import DevPki
+from jitgate.devstack.redis_server import RedisServer, free_port
+from jitgate.policy import model
+from jitgate.policy.revocations import Revocations
+from jitgate.policy.servicer import ACL, PolicyServicer, PolicySettings
+from jitgate.v1 import policy_pb2, policy_pb2_grpc
+from tests.support import AUDIT_ACL, RecordingAudit, channel, running, serve_audit
+
+NOW = time.time()
+VERIFIER_KEY = Ed25519PrivateKey.generate()
+POLICY_KEY = Ed25519PrivateKey.generate()
+POLICY = model.parse(
+    """
+[connections.orders-replica]
+kind = "postgres"
+[connections.billing-primary]
+kind = "postgres"
+[[bindings]]
+group = "platform"
+connection = "orders-replica"
+max_ttl = "5m"
+"""
+)
+AUDIENCE = "spiffe://jitgate/proxy"
+
+
+@dataclass
+class Rig:
+    port: int
+    audit: RecordingAudit
+    dev: DevPki
+
+
+def _assertion(
+    subject: str = "deploy-bot", *, key: Ed25519PrivateKey = VERIFIER_KEY, now: float = NOW
+) -> str:
+    identity = Identity(
+        subject=subject,
+        client_id=subject,
+        groups=("platform",),
+        token_expires_at=now + 3600,
+        issuer="i",
+    )
+    token, _ = assertion.sign(
+        assertion.signer(key, "jitgate"), identity, trust_domain="jitgate", now=now, lifetime=30
+    )
+    return token
+
+
+async def _rig(
+    dev: DevPki, redis_url: str, audit: RecordingAudit, deadline: float
+) -> AsyncIterator[Rig]:
+    async with running(dev, "audit", serve_audit(audit), AUDIT_ACL) as audit_port:
+        audit_channel = tls.secure_channel(
+            f"127.0.0.1:{audit_port}",
+            tls.channel_credentials(dev.files("policy")),
+            server_name="audit",
+        )
+        revocations = Revocations(redisconn.connect(redis_url))
+        servicer = PolicyServicer(
+            policy=lambda: POLICY,
+            assertions=assertion.checker([VERIFIER_KEY.public_key()], "jitgate"),
+            signer=grants.token_signer(POLICY_KEY, "jitgate"),
+            audit=AuditClient(audit_channel),
+            revocations=revocations,
+            settings=PolicySettings(grant_audience=AUDIENCE, audit_deadline=deadline),
+            clock=time.time,
+        )
+
+        def register(server: grpc.aio.Server) -> None:
+            policy_pb2_grpc.add_PolicyServicer_to_server(servicer, server)
+
+        async with running(dev, "policy", register, ACL) as port:
+            yield Rig(port=port, audit=audit, dev=dev)
+        await audit_channel.close()
+        await revocations.close()
+
+
+@pytest.fixture
+async def rig(
+    dev_pki: DevPki, redis_server: RedisServer, redis_admin: redis.Redis
+) -> AsyncIterator[Rig]:
+    async for r in _rig(dev_pki, redis_server.url("policy"), RecordingAudit(), 0.5):
+        yield r
+
+
+async def _decide(rig: Rig, connection: str, **fields: object) -> policy_pb2.Decision:
+    request = policy_pb2.DecideRequest(
+        assertion=str(fields.pop("assertion", _assertion())),
+        connection=connection,
+        **fields,
+    )
+    async with channel(rig.dev, "issuer", rig.port, "policy") as ch:
+        return await policy_pb2_grpc.PolicyStub(ch).Decide(request, timeout=5)
+
+
+async def test_allow_records_the_decision_then_signs_a_one_connection_grant(rig: Rig) -> None:
+    decision = await _decide(rig, "orders-replica", ttl_seconds=120, reason="slow queries")
+    assert decision.allowed
+    assert decision.expires_at.seconds - decision.issued_at.seconds == 120
+    claims = grants.token_checker(
+        [POLICY_KEY.public_key()], audience=AUDIENCE, trust_domain="jitgate"
+    ).check(decision.grant_token, time.time())
+    assert (claims["jti"], claims["con"], claims["sub"]) == (
+        decision.grant_id,
+        "orders-replica",
+        "deploy-bot",
+    )
+    [(who, event)] = rig.audit.events
+    assert who == "policy"
+    record = event.decision
+    assert (record.allowed, record.grant_id, record.reason_code) == (
+        True,
+        decision.grant_id,
+        "ALLOWED",
+    )
+    assert record.identity.subject == "deploy-bot"
+    assert record.request_reason == "slow queries"
+    assert record.policy_version == POLICY.version
+    assert record.binding.group == "platform"
+
+
+async def test_a_denial_is_recorded_and_carries_its_reason(rig: Rig) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _decide(rig, "billing-primary")
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    status = rpc_status.from_call(raised.value)
+    info = error_details_pb2.ErrorInfo()
+    assert status is not None
+    assert status.details[0].Unpack(info)
+    assert info.reason == "NO_BINDING"
+    [(_, event)] = rig.audit.events
+    assert not event.decision.allowed
+    assert event.decision.reason_code == "NO_BINDING"
+    assert event.decision.grant_id == ""
+
+
+async def test_audit_refusing_means_unavailable_and_no_grant(rig: Rig) -> None:
+    rig.audit.mode = "fail"
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _decide(rig, "orders-replica")
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert not rig.audit.events
+
+
+async def test_a_stalled_audit_means_unavailable_within_the_deadline(rig: Rig) -> None:
+    rig.audit.mode = "stall"
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _decide(rig, "orders-replica")
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - started < 1.5  # the audit deadline here is 0.5 s
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        _assertion(key=Ed25519PrivateKey.generate()),
+        _assertion(now=NOW - 600),
+        "not-a-jwt",
+        "",
+    ],
+)
+async def test_an_assertion_the_verifier_did_not_sign_is_unauthenticated(
+    rig: Rig, bad: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _decide(rig, "orders-replica", assertion=bad)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert not rig.audit.events
+
+
+@pytest.mark.parametrize(
+    ("connection", "fields"),
+    [
+        ("", {}),
+        ("Orders Replica", {}),
+        ("orders-replica", {"ttl_seconds": 10**6}),
+        ("orders-replica", {"reason": "a\x00b"}),
+    ],
+)
+async def test_malformed_requests_are_invalid_argument(
+    rig: Rig, connection: str, fields: dict[str, object]
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _decide(rig, connection, **fields)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def _store_grant(redis_server: RedisServer, subject: str) -> GrantRecord:
+    record = GrantRecord(
+        grant_id="ab" * 16,
+        subject=subject,
+        client_id=subject,
+        connection="orders-replica",
+        connection_kind="postgres",
+        issued_at=NOW,
+        expires_at=NOW + 300,
+        proxy_endpoint="127.0.0.1:6432",
+    )
+    issuer = redis.Redis.from_url(redis_server.url("issuer"))
+    issuer.hset(grants.grant_key(record.grant_id), mapping=record.to_hash())
+    issuer.close()
+    return record
+
+
+async def _revoke(
+    rig: Rig, grant_id: str, subject: str = "deploy-bot"
+) -> policy_pb2.RevokeResponse:
+    async with channel(rig.dev, "issuer", rig.port, "policy") as ch:
+        return await policy_pb2_grpc.PolicyStub(ch).Revoke(
+            policy_pb2.RevokeRequest(
+                assertion=_assertion(subject), grant_id=grant_id, reason="done"
+            ),
+            timeout=5,
+        )
+
+
+async def test_revoke_records_then_marks_and_announces(
+    rig: Rig, redis_server: RedisServer, redis_admin: redis.Redis
+) -> None:
+    record = await _store_grant(redis_server, "deploy-bot")
+    pubsub = redis_admin.pubsub()
+    pubsub.subscribe(grants.REVOCATION_CHANNEL)
+    pubsub.get_message(timeout=1)
+    await _revoke(rig, record.grant_id)
+    assert redis_admin.exists(grants.revoked_key(record.grant_id))
+    marker_expiry = time.time() + redis_admin.pttl(grants.revoked_key(record.grant_id)) / 1000
+    assert marker_expiry >= record.expires_at
+    message = pubsub.get_message(timeout=2)
+    assert message is not None
+    assert message["data"] == record.grant_id.encode()
+    assert rig.audit.kinds() == ["revocation"]
+    assert rig.audit.events[0][1].revocation.actor == "deploy-bot"
+
+
+async def test_someone_elses_grant_looks_missing(
+    rig: Rig, redis_server: RedisServer, redis_admin: redis.Redis
+) -> None:
+    record = await _store_grant(redis_server, "other-bot")
+    for grant_id in (record.grant_id, "cd" * 16):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await _revoke(rig, grant_id)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not redis_admin.exists(grants.revoked_key(record.grant_id))
+    assert not rig.audit.events
+
+
+async def test_revoke_with_audit_down_marks_nothing(
+    rig: Rig, redis_server: RedisServer, redis_admin: redis.Redis
+) -> None:
+    record = await _store_grant(redis_server, "deploy-bot")
+    rig.audit.mode = "fail"
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _revoke(rig, record.grant_id)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert not redis_admin.exists(grants.revoked_key(record.grant_id))
+
+
+async def test_redis_down_means_unavailable(dev_pki: DevPki) -> None:
+    dead = f"redis://policy:x@127.0.0.1:{free_port()}/0"
+    async for rig in _rig(dev_pki, dead, RecordingAudit(), 0.5):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await _revoke(rig, "ab" * 16)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_the_policy_user_cannot_be_tricked_into_deleting_grants(
+    redis_server: RedisServer,
+) -> None:
+    # ACLs, not code review, stop policy from deleting what the issuer stores.
+    client = redis.Redis.from_url(redis_server.url("policy"))
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        client.delete(grants.grant_key("ab" * 16))
+    client.close()
+
+
+async def test_concurrent_decisions_each_get_their_own_grant(rig: Rig) -> None:
+    decisions = await asyncio.gather(*(_decide(rig, "orders-replica") for _ in range(20)))
+    assert len({d.grant_id for d in decisions}) == 20
+    assert len(rig.audit.events) == 20
