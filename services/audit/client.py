@@ -5,11 +5,12 @@ from __future__ import annotations
 import grpc
 
 from jitgate.common.errors import Unavailable
+from jitgate.common.status import from_rpc_error
 from jitgate.v1 import audit_pb2, audit_pb2_grpc
 
 
 class AuditClient:
-    """Appends events over one long-lived mTLS channel."""
+    """Appends events (core services) or reads them (the auditor) over one mTLS channel."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._channel = channel
@@ -31,6 +32,14 @@ class AuditClient:
             call: grpc.Call = exc  # type: ignore[assignment]  # aio errors are calls
             raise Unavailable("audit", f"{call.code().name}: {call.details()}") from exc
         return response
+
+    async def read(self, from_index: int = 0, *, timeout: float) -> list[audit_pb2.AuditRecord]:
+        """Return the records from from_index to the end of the log (auditor identity only)."""
+        try:
+            call = self._stub.Read(audit_pb2.ReadRequest(from_index=from_index), timeout=timeout)
+            return [record async for record in call]
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, "audit") from exc
 
     async def close(self) -> None:
         """Close the channel."""

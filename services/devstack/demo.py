@@ -65,7 +65,8 @@ def _steps(stack: Stack, say: Say) -> None:
         left = grant.expires_at.timestamp() - time.time()
         say(f"      ALLOWED  grant {grant.grant_id} for {grant.connection}, {left:.0f} s left")
         say(f"      the grant token names one connection: {_scope(grant)}")
-        say(f"      present it to the proxy at {grant.proxy_endpoint}; no password leaves jitgate")
+        say("      the agent holds this token, never a password; the proxy that redeems it")
+        say(f"      (at {grant.proxy_endpoint}) is not part of this release yet")
         say(f"[4/7] {AGENT} asks for billing-primary")
         try:
             agent.request_grant("billing-primary", reason="refund a customer")

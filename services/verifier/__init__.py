@@ -1,0 +1,1 @@
+"""The OIDC relying party: access tokens in, signed identity assertions out."""

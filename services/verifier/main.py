@@ -1,0 +1,143 @@
+"""Run the verifier from JITGATE_* settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from jitgate.audit.client import AuditClient
+from jitgate.common import assertion, keys, tls
+from jitgate.common.clock import Clock, system_clock
+from jitgate.common.config import Env
+from jitgate.common.errors import ConfigError
+from jitgate.common.identity import DEFAULT_TRUST_DOMAIN
+from jitgate.common.server import Service
+from jitgate.v1 import verifier_pb2_grpc
+from jitgate.verifier.oidc import HttpsGetter, JwksCache, https_url
+from jitgate.verifier.servicer import ACL, SERVICE_NAME, VerifierServicer
+from jitgate.verifier.tokens import MAX_LEEWAY, AccessTokenVerifier, allowed_algorithms
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:7444"
+DEFAULT_AUDIENCE = "api://default"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OidcSettings:
+    """How the verifier trusts its OIDC issuer, parsed once at start-up."""
+
+    issuer: str
+    audience: str = DEFAULT_AUDIENCE
+    groups_claim: str = "groups"
+    algorithms: frozenset[str] = frozenset({"RS256"})
+    leeway: float = 30.0
+    ca_bundle: Path | None = None
+    http_timeout: float = 5.0
+    jwks_refresh: float = 300.0
+    jwks_cooldown: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Env) -> OidcSettings:
+        """Return the settings in JITGATE_OIDC_*, or raise ConfigError naming the bad one."""
+        issuer = env.string("JITGATE_OIDC_ISSUER")
+        # The issuer URL carries all the trust in the keys: plain HTTP would let
+        # anyone on the path serve their own JWKS.
+        https_url(issuer, "JITGATE_OIDC_ISSUER")
+        names = env.names("JITGATE_OIDC_ALGORITHMS", ("RS256",))
+        try:
+            algorithms = allowed_algorithms(names)
+        except ValueError as exc:
+            raise ConfigError(f"JITGATE_OIDC_ALGORITHMS: {exc}") from exc
+        ca_bundle = env.optional("JITGATE_OIDC_CA_BUNDLE")
+        return cls(
+            issuer=issuer,
+            audience=env.string("JITGATE_OIDC_AUDIENCE", DEFAULT_AUDIENCE),
+            groups_claim=env.string("JITGATE_OIDC_GROUPS_CLAIM", "groups"),
+            algorithms=algorithms,
+            leeway=env.seconds("JITGATE_OIDC_LEEWAY", 30.0, low=0.0, high=MAX_LEEWAY),
+            ca_bundle=Path(ca_bundle).expanduser() if ca_bundle else None,
+            http_timeout=env.seconds("JITGATE_OIDC_HTTP_TIMEOUT", 5.0, low=0.1, high=30.0),
+            jwks_refresh=env.seconds("JITGATE_OIDC_JWKS_REFRESH", 300.0, low=10.0, high=86400.0),
+            jwks_cooldown=env.seconds("JITGATE_OIDC_JWKS_COOLDOWN", 30.0, low=1.0, high=3600.0),
+        )
+
+
+def create(env: Env, *, clock: Clock = system_clock) -> tuple[Service, JwksCache]:
+    """Return the verifier service wired from env, and the key cache to keep refreshed.
+
+    Every setting is read and checked before anything is built, so a bad one
+    fails start-up with its name and nothing half-made. Call it in the event
+    loop that will serve.
+    """
+    oidc = OidcSettings.from_env(env)
+    trust_domain = env.string("JITGATE_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN)
+    files = env.tls()
+    listen = env.address("JITGATE_LISTEN", DEFAULT_LISTEN)
+    audit_addr = env.address("JITGATE_AUDIT_ADDR")
+    audit_deadline = env.seconds("JITGATE_AUDIT_DEADLINE", 1.0, low=0.05, high=30.0)
+    assertion_ttl = env.seconds("JITGATE_ASSERTION_TTL", 30.0, low=1.0, high=assertion.MAX_LIFETIME)
+    signing_key = keys.load_private(env.path("JITGATE_VERIFIER_SIGNING_KEY"))
+    server_credentials = tls.server_credentials(files, require_client_auth=True)
+    channel_credentials = tls.channel_credentials(files)
+
+    cache = JwksCache(
+        issuer=oidc.issuer,
+        getter=HttpsGetter(ca_bundle=oidc.ca_bundle, timeout=oidc.http_timeout),
+        clock=clock,
+        refresh_interval=oidc.jwks_refresh,
+        unknown_kid_cooldown=oidc.jwks_cooldown,
+    )
+    tokens = AccessTokenVerifier(
+        issuer=oidc.issuer,
+        audience=oidc.audience,
+        keys=cache,
+        groups_claim=oidc.groups_claim,
+        algorithms=oidc.algorithms,
+        leeway=oidc.leeway,
+    )
+    audit = AuditClient(tls.secure_channel(audit_addr, channel_credentials, server_name="audit"))
+    servicer = VerifierServicer(
+        tokens=tokens,
+        signer=assertion.signer(signing_key, trust_domain),
+        audit=audit,
+        trust_domain=trust_domain,
+        assertion_ttl=assertion_ttl,
+        audit_deadline=audit_deadline,
+        clock=clock,
+    )
+    log.info(
+        "OIDC issuer %s, audience %s, groups claim %s, algorithms %s",
+        oidc.issuer,
+        oidc.audience,
+        oidc.groups_claim,
+        ",".join(sorted(oidc.algorithms)),
+    )
+    service = Service(
+        name="verifier",
+        listen=listen,
+        credentials=server_credentials,
+        acl=ACL,
+        register=lambda server: verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, server),
+        service_names=[SERVICE_NAME],
+        cleanup=[audit.close],
+        trust_domain=trust_domain,
+    )
+    return service, cache
+
+
+async def serve(env: Env) -> None:
+    """Serve until signalled; keys load in the background, so an IdP outage delays nothing."""
+    service, cache = create(env)
+    # Until the first fetch succeeds, Verify answers UNAVAILABLE (fail closed)
+    # while health reports SERVING: the process is fine, its IdP is not.
+    refresher = asyncio.create_task(cache.run(), name="jwks-refresh")
+    try:
+        await service.run_until_signalled()
+    finally:
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher

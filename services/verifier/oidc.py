@@ -1,0 +1,320 @@
+"""The OIDC issuer's discovery document and JWKS, fetched over HTTPS and cached.
+
+The verifier trusts keys only from the JWKS its configured issuer's discovery
+document names, fetched over verified HTTPS without redirects, and keeps the
+last good keys when a refresh fails: an IdP outage degrades to "no new keys",
+never to "no keys" or "any key".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.client
+import json
+import logging
+import re
+import ssl
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from jitgate.common.clock import Clock, system_clock
+from jitgate.common.errors import ConfigError, Unavailable
+from jitgate.common.validate import printable
+from jitgate.verifier.tokens import ALGORITHMS, VerificationKey
+
+log = logging.getLogger(__name__)
+
+MAX_DOCUMENT_BYTES = 256 * 1024
+"""Discovery documents and key sets are a few kilobytes."""
+MAX_KEYS = 64
+"""More keys than any issuer publishes; a bigger set is treated as garbage."""
+MIN_RSA_BITS = 2048
+"""RFC 7518, section 3.3: RSA keys for RS*/PS* are 2048 bits or larger."""
+MAX_RSA_BITS = 8192
+"""Larger moduli only cost CPU per verification; no issuer uses them."""
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+
+def https_url(url: str, what: str) -> urllib.parse.SplitResult:
+    """Return url split, or raise ConfigError unless it is https://host/... without credentials."""
+    message = f"{what} {url!r} must be an https:// URL with a host and no credentials"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # raises ValueError for a port out of range
+    except ValueError:
+        raise ConfigError(message) from None
+    if parts.scheme != "https" or not parts.hostname or parts.username or parts.password:
+        raise ConfigError(message)
+    if port == 0:
+        raise ConfigError(message)  # a port urlsplit accepts but nothing can listen on
+    return parts
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpsGetter:
+    """Fetches JSON documents over verified HTTPS: no redirects, bounded time and size."""
+
+    ca_bundle: Path | None = None
+    timeout: float = 5.0
+    max_bytes: int = MAX_DOCUMENT_BYTES
+    _context: ssl.SSLContext = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        cafile = str(self.ca_bundle) if self.ca_bundle is not None else None
+        try:
+            context = ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load CA bundle {self.ca_bundle}: {exc}") from exc
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        object.__setattr__(self, "_context", context)
+
+    def get_json(self, url: str) -> dict[str, Any]:
+        """Return the JSON object at url, or raise Unavailable saying why not. Blocking."""
+        try:
+            parts = https_url(url, "URL")
+        except ConfigError as exc:
+            raise Unavailable("oidc", str(exc)) from exc
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        deadline = time.monotonic() + self.timeout
+        connection = http.client.HTTPSConnection(
+            parts.hostname or "", parts.port or 443, context=self._context, timeout=self.timeout
+        )
+        try:
+            connection.request("GET", path, headers={"Accept": "application/json"})
+            response = connection.getresponse()
+            # http.client never follows redirects, and neither do we: a 3xx is
+            # an answer we do not accept, not a pointer to another host.
+            if response.status != 200:
+                raise Unavailable("oidc", f"GET {url} answered {response.status}")
+            body = self._read(response, deadline, url)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise Unavailable("oidc", f"GET {url}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            connection.close()
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise Unavailable("oidc", f"GET {url}: not JSON") from exc
+        if not isinstance(document, dict):
+            raise Unavailable("oidc", f"GET {url}: not a JSON object")
+        return document
+
+    def _read(self, response: http.client.HTTPResponse, deadline: float, url: str) -> bytes:
+        body = b""
+        while len(body) <= self.max_bytes:
+            if time.monotonic() > deadline:
+                raise Unavailable("oidc", f"GET {url}: slower than {self.timeout}s")
+            chunk = response.read1(16 * 1024)
+            if not chunk:
+                return body
+            body += chunk
+        raise Unavailable("oidc", f"GET {url}: larger than {self.max_bytes} bytes")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProviderMetadata:
+    """The parts of an OpenID Provider's discovery document the verifier uses."""
+
+    issuer: str
+    jwks_uri: str
+
+
+def discovery_url(issuer: str) -> str:
+    """Return the discovery URL of issuer (OpenID Connect Discovery 1.0, section 4)."""
+    return issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
+def discover(issuer: str, getter: HttpsGetter) -> ProviderMetadata:
+    """Fetch and check issuer's discovery document. Blocking."""
+    document = getter.get_json(discovery_url(issuer))
+    # OpenID Connect Discovery 1.0, section 4.3: the document's issuer MUST be
+    # identical to the URL it was fetched for, or one issuer could speak for
+    # another (the mix-up attack).
+    named = document.get("issuer")
+    if named != issuer:
+        raise Unavailable(
+            "oidc", f"discovery document names issuer {repr(named)[:200]}, expected {issuer!r}"
+        )
+    jwks_uri = document.get("jwks_uri")
+    if not isinstance(jwks_uri, str):
+        raise Unavailable("oidc", "discovery document has no jwks_uri")
+    try:
+        https_url(jwks_uri, "jwks_uri")
+    except ConfigError as exc:
+        raise Unavailable("oidc", str(exc)) from exc
+    return ProviderMetadata(issuer=issuer, jwks_uri=jwks_uri)
+
+
+def _uint(value: Any) -> int:
+    if not isinstance(value, str) or not _BASE64URL.fullmatch(value) or len(value) % 4 == 1:
+        raise ValueError("not unpadded base64url")
+    data = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    return int.from_bytes(data, "big")
+
+
+def _rsa_key(jwk: Mapping[str, Any]) -> VerificationKey:
+    """Return jwk as a verification key, or raise ValueError saying why it is unusable."""
+    kid = jwk.get("kid")
+    if not isinstance(kid, str) or not kid or len(kid) > 256:
+        raise ValueError("no usable kid")
+    if _PRIVATE_MEMBERS & jwk.keys():
+        # A JWKS is public; private members mean a misconfigured IdP, and a
+        # symmetric `k` would be an HMAC secret (RFC 7517, section 9.1).
+        raise ValueError("carries private or symmetric key material")
+    if jwk.get("kty") != "RSA":
+        raise ValueError(f"kty {repr(jwk.get('kty'))[:20]} is not RSA")
+    if jwk.get("use", "sig") != "sig":
+        raise ValueError(f"use {repr(jwk.get('use'))[:20]} is not sig")
+    ops = jwk.get("key_ops")
+    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+        raise ValueError("key_ops does not include verify")
+    alg = jwk.get("alg")
+    if alg is not None and alg not in ALGORITHMS:
+        raise ValueError(f"alg {repr(alg)[:20]} is not an RSA signature algorithm")
+    n, e = _uint(jwk.get("n")), _uint(jwk.get("e"))
+    if not MIN_RSA_BITS <= n.bit_length() <= MAX_RSA_BITS:
+        raise ValueError(f"RSA key of {n.bit_length()} bits; use {MIN_RSA_BITS} to {MAX_RSA_BITS}")
+    key = rsa.RSAPublicNumbers(e, n).public_key()
+    return VerificationKey(kid=kid, key=key, alg=alg)
+
+
+def parse_jwks(document: Mapping[str, Any]) -> dict[str, VerificationKey]:
+    """Return the usable keys of a JWKS by kid; every key left out is logged with its reason."""
+    entries = document.get("keys")
+    if not isinstance(entries, list):
+        raise Unavailable("jwks", "the JWKS has no keys array")
+    if len(entries) > MAX_KEYS:
+        raise Unavailable("jwks", f"the JWKS has {len(entries)} keys, more than {MAX_KEYS}")
+    keys: dict[str, VerificationKey] = {}
+    kids = Counter(str(e.get("kid")) for e in entries if isinstance(e, dict))
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            log.warning("JWKS key %d ignored: not an object", index)
+            continue
+        name = printable(str(entry.get("kid")), 80)
+        if kids[str(entry.get("kid"))] > 1:
+            # Two keys under one kid: whichever we picked, the other could be a
+            # decoy. Use neither.
+            log.warning("JWKS key %r ignored: its kid appears more than once", name)
+            continue
+        try:
+            key = _rsa_key(entry)
+        except ValueError as exc:
+            log.warning("JWKS key %r ignored: %s", name, exc)
+            continue
+        keys[key.kid] = key
+    return keys
+
+
+class JwksCache:
+    """The issuer's signing keys by kid, refreshed periodically and on an unknown kid.
+
+    A refresh prompted by an unknown kid happens at most once per cooldown,
+    whatever the number of concurrent requests: a flood of tokens with random
+    kids cannot turn the verifier into a load generator against the IdP.
+    """
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        getter: HttpsGetter,
+        clock: Clock = system_clock,
+        refresh_interval: float = 300.0,
+        unknown_kid_cooldown: float = 30.0,
+        retry_interval: float = 1.0,
+    ) -> None:
+        https_url(issuer, "OIDC issuer")
+        self._issuer = issuer
+        self._getter = getter
+        self._clock = clock
+        self._refresh_interval = refresh_interval
+        self._cooldown = unknown_kid_cooldown
+        self._retry_interval = retry_interval
+        self._keys: dict[str, VerificationKey] = {}
+        self._metadata: ProviderMetadata | None = None
+        self._last_attempt: float | None = None
+        self._last_ok = False
+        self._last_error = "keys not loaded yet"
+        self._lock = asyncio.Lock()
+
+    @property
+    def kids(self) -> frozenset[str]:
+        """The kids of the keys held now."""
+        return frozenset(self._keys)
+
+    def get(self, kid: str) -> VerificationKey | None:
+        """Return the key called kid, if it is held now."""
+        return self._keys.get(kid)
+
+    async def ensure(self, kid: str) -> None:
+        """Refresh once for an unknown kid unless one was tried within the cooldown.
+
+        Raises Unavailable when no keys are held at all: the verifier cannot
+        tell good tokens from bad ones, so it fails closed.
+        """
+        async with self._lock:
+            if kid in self._keys:
+                return  # a concurrent request's refresh brought it in
+            # With no keys yet (start-up, IdP down) retry sooner, still single-flight.
+            wait = self._cooldown if self._keys else self._retry_interval
+            now = self._clock()
+            if self._last_attempt is None or now - self._last_attempt >= wait:
+                await self._refresh(now)
+            if not self._keys:
+                raise Unavailable("jwks", self._last_error)
+
+    async def refresh(self) -> bool:
+        """Fetch the keys now; return whether that worked. A failure keeps the old keys."""
+        async with self._lock:
+            return await self._refresh(self._clock())
+
+    async def run(self) -> None:
+        """Refresh periodically until cancelled; sooner while no keys are held."""
+        while True:
+            ok = await self.refresh()
+            if ok:
+                delay = self._refresh_interval
+            else:
+                delay = self._cooldown if self._keys else self._retry_interval
+            await asyncio.sleep(delay)
+
+    async def _refresh(self, now: float) -> bool:
+        self._last_attempt = now
+        try:
+            metadata = self._metadata
+            if metadata is None:
+                metadata = await asyncio.to_thread(discover, self._issuer, self._getter)
+            document = await asyncio.to_thread(self._getter.get_json, metadata.jwks_uri)
+            keys = parse_jwks(document)
+            if not keys:
+                raise Unavailable("jwks", f"{metadata.jwks_uri} has no usable keys")
+        except Exception as exc:  # whatever went wrong, the cache stays as it was
+            # Discover again next time: the issuer may have moved its JWKS.
+            self._metadata = None
+            if not isinstance(exc, Unavailable):
+                log.exception("unexpected error refreshing the JWKS of %s", self._issuer)
+            self._last_error = exc.detail if isinstance(exc, Unavailable) else type(exc).__name__
+            self._last_ok = False
+            log.warning(
+                "JWKS refresh for %s failed, keeping %d cached keys: %s",
+                self._issuer,
+                len(self._keys),
+                self._last_error,
+            )
+            return False
+        self._metadata = metadata
+        if not self._last_ok or keys.keys() != self._keys.keys():
+            log.info("JWKS for %s: keys %s", self._issuer, ", ".join(sorted(keys)))
+        self._keys = keys
+        self._last_ok = True
+        return True

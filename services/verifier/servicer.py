@@ -1,0 +1,129 @@
+"""The Verifier gRPC servicer: token in, identity and a signed assertion out, rejections audited."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from jitgate.audit.client import AuditClient
+from jitgate.common import assertion
+from jitgate.common.clock import Clock, system_clock
+from jitgate.common.errors import Unauthenticated, Unavailable
+from jitgate.common.jws import Signer
+from jitgate.common.logs import fingerprint
+from jitgate.common.validate import printable
+from jitgate.v1 import audit_pb2, types_pb2, verifier_pb2, verifier_pb2_grpc
+from jitgate.verifier.tokens import AccessTokenVerifier, peek
+
+log = logging.getLogger(__name__)
+
+ACL = {"/jitgate.v1.Verifier/Verify": frozenset({"issuer"})}
+"""Only the issuer asks the verifier anything."""
+SERVICE_NAME = "jitgate.v1.Verifier"
+EDGE_CHARS = 256
+"""How much of each edge-reported field a rejection record keeps."""
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1_000_000_000))
+    return stamp
+
+
+def _edge(edge: types_pb2.EdgeContext) -> types_pb2.EdgeContext:
+    # Edge-reported context is recorded, never trusted: bound it and strip
+    # control characters before it reaches the log of record.
+    return types_pb2.EdgeContext(
+        peer=printable(edge.peer, EDGE_CHARS),
+        rpc=printable(edge.rpc, EDGE_CHARS),
+        user_agent=printable(edge.user_agent, EDGE_CHARS),
+    )
+
+
+class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
+    """Verify: thin over AccessTokenVerifier and the assertion signer."""
+
+    def __init__(
+        self,
+        *,
+        tokens: AccessTokenVerifier,
+        signer: Signer,
+        audit: AuditClient,
+        trust_domain: str,
+        assertion_ttl: float,
+        audit_deadline: float,
+        clock: Clock = system_clock,
+    ) -> None:
+        self._tokens = tokens
+        self._signer = signer
+        self._audit = audit
+        self._trust_domain = trust_domain
+        self._assertion_ttl = assertion_ttl
+        self._audit_deadline = audit_deadline
+        self._clock = clock
+
+    async def Verify(
+        self, request: verifier_pb2.VerifyRequest, context: Any
+    ) -> verifier_pb2.VerifyResponse:
+        """Return the token's identity and an assertion of it, or raise Unauthenticated."""
+        now = self._clock()
+        try:
+            identity = await self._tokens.authenticate(request.token, now)
+        except Unauthenticated as exc:
+            await self._record_rejection(request, exc)
+            raise
+        signed, expires = assertion.sign(
+            self._signer,
+            identity,
+            trust_domain=self._trust_domain,
+            now=now,
+            lifetime=self._assertion_ttl,
+        )
+        log.info(
+            "verified token %s: subject %r, client %r, groups %s",
+            fingerprint(request.token)[:16],
+            identity.subject,
+            identity.client_id,
+            ",".join(identity.groups) or "-",
+        )
+        return verifier_pb2.VerifyResponse(
+            identity=types_pb2.Identity(
+                subject=identity.subject,
+                client_id=identity.client_id,
+                groups=identity.groups,
+                token_expires_at=_timestamp(identity.token_expires_at),
+                issuer=identity.issuer,
+                token_id=identity.token_id,
+            ),
+            assertion=signed,
+            assertion_expires_at=_timestamp(expires),
+        )
+
+    async def _record_rejection(
+        self, request: verifier_pb2.VerifyRequest, exc: Unauthenticated
+    ) -> None:
+        claimed = peek(request.token)
+        token_fingerprint = fingerprint(request.token)
+        event = audit_pb2.AuditEvent(
+            token_rejected=audit_pb2.TokenRejected(
+                reason=exc.check,
+                token_fingerprint=token_fingerprint,
+                claimed_subject=claimed.subject,
+                claimed_issuer=claimed.issuer,
+                key_id=claimed.key_id,
+                edge=_edge(request.edge),
+            )
+        )
+        try:
+            await self._audit.append(event, timeout=self._audit_deadline)
+        except Unavailable as failure:
+            # The rejection stands either way; losing its record is the
+            # operator's problem to see, not a reason to let the token in.
+            log.error(
+                "token %s rejected (%s) but the audit record failed: %s",
+                token_fingerprint[:16],
+                exc.check,
+                failure,
+            )

@@ -1,0 +1,185 @@
+"""The grant path across real processes: issuer, verifier, policy, audit, Redis, dev IdP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import redis
+
+from jitgate import client as sdk
+from jitgate.audit.chain import verify_database
+from jitgate.common import grants, tls
+from jitgate.devstack.pki import DevPki
+from jitgate.devstack.stack import Stack
+from jitgate.v1 import audit_pb2, audit_pb2_grpc, policy_pb2, policy_pb2_grpc
+from tests.e2e.conftest import mint
+
+pytestmark = pytest.mark.e2e
+
+
+def _agent(stack: Stack, token: str) -> sdk.IssuerClient:
+    return sdk.IssuerClient(stack.address("issuer"), token=token, ca_file=stack.pki.ca)
+
+
+def _audit_records(stack: Stack) -> list[audit_pb2.AuditRecord]:
+    credentials = tls.channel_credentials(stack.pki.files("auditor"))
+    options = [("grpc.ssl_target_name_override", "audit")]
+    with grpc.secure_channel(stack.address("audit"), credentials, options=options) as channel:
+        return list(audit_pb2_grpc.AuditStub(channel).Read(audit_pb2.ReadRequest(), timeout=5))
+
+
+def test_every_service_reports_serving(stack: Stack) -> None:
+    assert {name: stack.health(name) for name in ("audit", "verifier", "policy")} == dict.fromkeys(
+        ("audit", "verifier", "policy"), "SERVING"
+    )
+
+
+def test_a_grant_from_request_to_revocation(stack: Stack, redis_admin: redis.Redis) -> None:
+    with _agent(stack, stack.token("deploy-bot")) as agent:
+        grant = agent.request_grant("orders-replica", ttl_seconds=120, reason="slow order queries")
+        assert grant.subject == "deploy-bot"
+        assert 115 <= (grant.expires_at - grant.issued_at).total_seconds() <= 120
+        ttl_ms = redis_admin.pttl(grants.grant_key(grant.grant_id))
+        assert 0 < ttl_ms <= 120_000
+        assert [g.grant_id for g in agent.list_grants()] == [grant.grant_id]
+        agent.revoke_grant(grant.grant_id, reason="done")
+        assert agent.list_grants() == []
+    assert redis_admin.exists(grants.revoked_key(grant.grant_id))
+    records = _audit_records(stack)
+    decisions = [r for r in records if r.event.decision.grant_id == grant.grant_id]
+    assert len(decisions) == 1
+    assert decisions[0].caller == "spiffe://jitgate/policy"
+    assert decisions[0].event.decision.identity.subject == "deploy-bot"
+    assert decisions[0].event.decision.request_reason == "slow order queries"
+    revocations = [r for r in records if r.event.revocation.grant_id == grant.grant_id]
+    assert len(revocations) == 1
+    assert decisions[0].index < revocations[0].index
+    report = verify_database(stack.audit_db)
+    assert report.intact, report.reason
+    assert report.count == len(records)
+
+
+def test_a_denial_is_recorded_with_its_reason(stack: Stack) -> None:
+    with _agent(stack, stack.token("deploy-bot")) as agent, pytest.raises(sdk.Denied) as raised:
+        agent.request_grant("billing-primary")
+    assert raised.value.reason == "NO_BINDING"
+    last = _audit_records(stack)[-1].event.decision
+    assert (last.connection, last.allowed, last.reason_code) == (
+        "billing-primary",
+        False,
+        "NO_BINDING",
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"aud": "api://someone-else"}, "aud_mismatch"),
+        ({"iss": "https://evil.example/oauth2/default"}, "iss_mismatch"),
+        ({"exp": int(time.time()) - 3600, "iat": int(time.time()) - 7200}, "expired"),
+    ],
+)
+def test_a_bad_token_is_unauthenticated_and_audited(
+    stack: Stack, redis_admin: redis.Redis, overrides: dict[str, object], reason: str
+) -> None:
+    before = set(redis_admin.keys("grant:*"))
+    with (
+        _agent(stack, mint(stack, **overrides)) as agent,
+        pytest.raises(sdk.Unauthenticated) as raised,
+    ):
+        agent.request_grant("orders-replica")
+    assert str(raised.value) == "authentication failed"
+    assert set(redis_admin.keys("grant:*")) == before
+    last = _audit_records(stack)[-1]
+    assert last.caller == "spiffe://jitgate/verifier"
+    assert last.event.WhichOneof("kind") == "token_rejected"
+    assert last.event.token_rejected.reason == reason
+
+
+def test_a_token_signed_by_another_key_is_unauthenticated(stack: Stack) -> None:
+    from jitgate.devstack.demo import _forged_token
+
+    with (
+        _agent(stack, _forged_token(stack.token("deploy-bot"))) as agent,
+        pytest.raises(sdk.Unauthenticated),
+    ):
+        agent.request_grant("orders-replica")
+
+
+def test_the_issuer_certificate_cannot_write_to_audit(stack: Stack) -> None:
+    credentials = tls.channel_credentials(stack.pki.files("issuer"))
+    options = [("grpc.ssl_target_name_override", "audit")]
+    with grpc.secure_channel(stack.address("audit"), credentials, options=options) as channel:
+        stub = audit_pb2_grpc.AuditStub(channel)
+        event = audit_pb2.AuditEvent(
+            decision=audit_pb2.DecisionRecorded(allowed=True, grant_id="x")
+        )
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Append(audit_pb2.AppendRequest(event=event), timeout=5)
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as raised:
+            list(stub.Read(audit_pb2.ReadRequest(), timeout=5))
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_the_verifier_certificate_cannot_ask_policy_for_grants(stack: Stack) -> None:
+    credentials = tls.channel_credentials(stack.pki.files("verifier"))
+    options = [("grpc.ssl_target_name_override", "policy")]
+    with (
+        grpc.secure_channel(stack.address("policy"), credentials, options=options) as channel,
+        pytest.raises(grpc.RpcError) as raised,
+    ):
+        policy_pb2_grpc.PolicyStub(channel).Decide(policy_pb2.DecideRequest(), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_certificate_from_another_ca_never_reaches_audit(
+    stack: Stack, foreign_pki: DevPki
+) -> None:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=stack.pki.ca.read_bytes(),
+        private_key=foreign_pki.files("policy").key.read_bytes(),
+        certificate_chain=foreign_pki.files("policy").cert.read_bytes(),
+    )
+    options = [("grpc.ssl_target_name_override", "audit")]
+    with (
+        grpc.secure_channel(stack.address("audit"), credentials, options=options) as channel,
+        pytest.raises(grpc.RpcError) as raised,
+    ):
+        audit_pb2_grpc.AuditStub(channel).Append(audit_pb2.AppendRequest(), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _cli(stack: Stack, token: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **stack.client_env(), "JITGATE_TOKEN": token}
+    return subprocess.run(
+        [sys.executable, "-m", "jitgate", "grant", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_cli_exit_codes_tell_outcomes_apart(stack: Stack) -> None:
+    token = stack.token("deploy-bot")
+    allowed = _cli(stack, token, "request", "orders-replica", "--ttl", "60", "--json")
+    assert allowed.returncode == 0, allowed.stderr
+    grant = json.loads(allowed.stdout)
+    assert grant["connection"] == "orders-replica"
+    assert grant["token"]
+    listed = _cli(stack, token, "list", "--json")
+    assert grant["grant_id"] in [g["grant_id"] for g in json.loads(listed.stdout)]
+    denied = _cli(stack, token, "request", "billing-primary", "--json")
+    assert denied.returncode == 3
+    assert json.loads(denied.stdout)["reason"] == "NO_BINDING"
+    assert _cli(stack, "garbage", "list").returncode == 4
+    assert _cli(stack, token, "get", "0" * 32).returncode == 6
+    assert _cli(stack, token, "request", "Not A Name").returncode == 2
+    assert _cli(stack, token, "revoke", grant["grant_id"]).returncode == 0
