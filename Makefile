@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck unit protos up bench clean
+.PHONY: demo test check lint typecheck unit protos up clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,8 @@ test: check unit
 check: lint typecheck
 
 lint: $(STAMP)
-	$(BIN)/ruff check services tests bench protos
-	$(BIN)/ruff format --check services tests bench protos
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # mypy resolves `jitgate` through a link to services/, the package's root.
 typecheck: $(STAMP)
