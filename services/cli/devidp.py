@@ -14,7 +14,7 @@ from jitgate.client.oauth import client_credentials_token
 from jitgate.common import logs
 from jitgate.common.config import Env
 from jitgate.common.errors import ConfigError, Unauthenticated, Unavailable
-from jitgate.devstack import idp
+from jitgate.devstack import idp, idp_http
 
 EXIT_REFUSED = 1
 """The IdP refused the agent's credentials or scope."""
@@ -65,7 +65,7 @@ def run_serve(args: argparse.Namespace) -> int:
     env = Env()
     logs.configure("dev-idp", level=env.string("JITGATE_LOG_LEVEL", "INFO"))
     host, port = _listen(args.listen)
-    server = idp.IdpServer(
+    server = idp_http.IdpServer(
         state_dir=args.dir,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

@@ -53,12 +53,32 @@ def find_binary() -> Path:
     )
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """Return a TCP port on 127.0.0.1 that was free a moment ago.
+
+    The port is chosen below the kernel's ephemeral range: a port from that
+    range can be taken at any moment as the source port of some outgoing
+    connection, and a service restarted on it would then fail to bind.
+    """
+    low, high = _ephemeral_range()
+    candidates = range(20_000, low) if low > 21_000 else range(high + 1, 65_536)
+    for _ in range(100):
+        port = secrets.choice(candidates)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ConfigError("no free TCP port found on 127.0.0.1")
 
 
 class RedisServer:

@@ -8,9 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from jitgate.common import validate
+from jitgate.common import validate, wire
 from jitgate.common.clock import Clock
 from jitgate.common.errors import (
     JitgateError,
@@ -34,12 +33,6 @@ from jitgate.v1 import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str:
@@ -142,8 +135,8 @@ class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
             grant_id=record.grant_id,
             connection=record.connection,
             subject=record.subject,
-            issued_at=_timestamp(record.issued_at),
-            expires_at=_timestamp(record.expires_at),
+            issued_at=wire.timestamp(record.issued_at),
+            expires_at=wire.timestamp(record.expires_at),
             token=token,
             proxy_endpoint=record.proxy_endpoint,
             connection_kind=record.connection_kind,
@@ -185,8 +178,8 @@ class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
             client_id=verified.identity.client_id,
             connection=connection,
             connection_kind=decision.connection_kind,
-            issued_at=decision.issued_at.ToNanoseconds() / 1e9,
-            expires_at=decision.expires_at.ToNanoseconds() / 1e9,
+            issued_at=wire.seconds(decision.issued_at),
+            expires_at=wire.seconds(decision.expires_at),
             proxy_endpoint=self._settings.proxy_endpoint,
         )
         # No grant exists until it is live in Redis: if this fails the agent

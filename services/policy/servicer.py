@@ -7,10 +7,8 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from jitgate.audit.client import AuditClient
-from jitgate.common import assertion, validate
+from jitgate.common import assertion, validate, wire
 from jitgate.common.clock import Clock
 from jitgate.common.errors import NotFound, PermissionDenied
 from jitgate.common.jws import Checker, Signer
@@ -26,23 +24,6 @@ ACL = {
     "/jitgate.v1.Policy/Decide": frozenset({"issuer"}),
     "/jitgate.v1.Policy/Revoke": frozenset({"issuer"}),
 }
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
-def _identity(identity: assertion.Identity) -> types_pb2.Identity:
-    return types_pb2.Identity(
-        subject=identity.subject,
-        client_id=identity.client_id,
-        groups=identity.groups,
-        token_expires_at=_timestamp(identity.token_expires_at),
-        issuer=identity.issuer,
-        token_id=identity.token_id,
-    )
 
 
 def _binding(decision: Decision) -> types_pb2.Binding | None:
@@ -110,14 +91,14 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             connection=connection,
             requested_ttl_seconds=ttl,
             request_reason=reason,
-            identity=_identity(identity),
+            identity=wire.identity(identity),
             allowed=decision.allowed,
             reason_code=decision.reason_code,
             binding=_binding(decision),
             grant_id=grant_id,
-            expires_at=_timestamp(expires_at) if decision.allowed else None,
+            expires_at=wire.timestamp(expires_at) if decision.allowed else None,
             policy_version=policy.version,
-            edge=request.edge,
+            edge=wire.edge(request.edge),
         )
         # Fail closed: no durable record, no grant (and no denial either: the
         # caller learns only that jitgate could not decide now).
@@ -155,8 +136,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             reason_code=decision.reason_code,
             binding=_binding(decision),
             grant_id=grant_id,
-            issued_at=_timestamp(issued_at),
-            expires_at=_timestamp(expires_at),
+            issued_at=wire.timestamp(issued_at),
+            expires_at=wire.timestamp(expires_at),
             grant_token=token,
             connection=connection,
             connection_kind=decision.connection.kind,
@@ -182,12 +163,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             connection=record.connection,
             actor=identity.subject,
             reason=reason,
-            expires_at=_timestamp(record.expires_at),
-            edge=request.edge,
+            expires_at=wire.timestamp(record.expires_at),
+            edge=wire.edge(request.edge),
         )
         await self._audit.append(
             audit_pb2.AuditEvent(revocation=event), timeout=self._deadline(context)
         )
         await self._revocations.revoke(record, actor=identity.subject, now=now)
         log.info("grant %s revoked by %s", grant_id, identity.subject)
-        return policy_pb2.RevokeResponse(revoked_at=_timestamp(now))
+        return policy_pb2.RevokeResponse(revoked_at=wire.timestamp(now))

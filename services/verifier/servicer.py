@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
-
-from google.protobuf import timestamp_pb2
 
 from jitgate.audit.client import AuditClient
-from jitgate.common import assertion
+from jitgate.common import assertion, wire
 from jitgate.common.clock import Clock, system_clock
 from jitgate.common.errors import Unauthenticated, Unavailable
 from jitgate.common.jws import Signer
 from jitgate.common.logs import fingerprint
-from jitgate.common.validate import printable
-from jitgate.v1 import audit_pb2, types_pb2, verifier_pb2, verifier_pb2_grpc
+from jitgate.common.rpc import ServicerContext
+from jitgate.v1 import audit_pb2, verifier_pb2, verifier_pb2_grpc
 from jitgate.verifier.tokens import AccessTokenVerifier, peek
 
 log = logging.getLogger(__name__)
@@ -22,24 +19,6 @@ log = logging.getLogger(__name__)
 ACL = {"/jitgate.v1.Verifier/Verify": frozenset({"issuer"})}
 """Only the issuer asks the verifier anything."""
 SERVICE_NAME = "jitgate.v1.Verifier"
-EDGE_CHARS = 256
-"""How much of each edge-reported field a rejection record keeps."""
-
-
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1_000_000_000))
-    return stamp
-
-
-def _edge(edge: types_pb2.EdgeContext) -> types_pb2.EdgeContext:
-    # Edge-reported context is recorded, never trusted: bound it and strip
-    # control characters before it reaches the log of record.
-    return types_pb2.EdgeContext(
-        peer=printable(edge.peer, EDGE_CHARS),
-        rpc=printable(edge.rpc, EDGE_CHARS),
-        user_agent=printable(edge.user_agent, EDGE_CHARS),
-    )
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
@@ -65,7 +44,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         self._clock = clock
 
     async def Verify(
-        self, request: verifier_pb2.VerifyRequest, context: Any
+        self, request: verifier_pb2.VerifyRequest, context: ServicerContext
     ) -> verifier_pb2.VerifyResponse:
         """Return the token's identity and an assertion of it, or raise Unauthenticated."""
         now = self._clock()
@@ -89,16 +68,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             ",".join(identity.groups) or "-",
         )
         return verifier_pb2.VerifyResponse(
-            identity=types_pb2.Identity(
-                subject=identity.subject,
-                client_id=identity.client_id,
-                groups=identity.groups,
-                token_expires_at=_timestamp(identity.token_expires_at),
-                issuer=identity.issuer,
-                token_id=identity.token_id,
-            ),
+            identity=wire.identity(identity),
             assertion=signed,
-            assertion_expires_at=_timestamp(expires),
+            assertion_expires_at=wire.timestamp(expires),
         )
 
     async def _record_rejection(
@@ -113,7 +85,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                 claimed_subject=claimed.subject,
                 claimed_issuer=claimed.issuer,
                 key_id=claimed.key_id,
-                edge=_edge(request.edge),
+                edge=wire.edge(request.edge),
             )
         )
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jitgate.devstack import idp, pki
+from jitgate.devstack import idp, idp_http, pki
 
 NOW = 1_800_000_000.0
 """The tests' "now": tokens are minted and checked at explicit times, never the wall clock."""
@@ -35,10 +35,10 @@ def idp_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def idp_server(dev_pki: pki.DevPki, idp_state: Path) -> Iterator[idp.IdpServer]:
+def idp_server(dev_pki: pki.DevPki, idp_state: Path) -> Iterator[idp_http.IdpServer]:
     """A running dev IdP on a free loopback port, issuing tokens at NOW."""
     files = dev_pki.files("idp")
-    with idp.IdpServer(
+    with idp_http.IdpServer(
         state_dir=idp_state, tls_cert=files.cert, tls_key=files.key, clock=lambda: NOW
     ) as server:
         yield server

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from jitgate.common.errors import ConfigError, Unauthenticated, Unavailable
-from jitgate.devstack import idp, pki
+from jitgate.devstack import idp, idp_http, pki
 from jitgate.verifier.oidc import (
     MAX_KEYS,
     HttpsGetter,
@@ -73,7 +73,7 @@ def getter(dev_pki: pki.DevPki) -> HttpsGetter:
     return HttpsGetter(ca_bundle=dev_pki.ca, timeout=2.0)
 
 
-def _cache(server: idp.IdpServer, getter: HttpsGetter, clock: FakeClock) -> JwksCache:
+def _cache(server: idp_http.IdpServer, getter: HttpsGetter, clock: FakeClock) -> JwksCache:
     return JwksCache(
         issuer=server.issuer,
         getter=getter,
@@ -87,14 +87,14 @@ def _cache(server: idp.IdpServer, getter: HttpsGetter, clock: FakeClock) -> Jwks
 # Discovery.
 
 
-def test_discovery_finds_the_jwks(idp_server: idp.IdpServer, getter: HttpsGetter) -> None:
+def test_discovery_finds_the_jwks(idp_server: idp_http.IdpServer, getter: HttpsGetter) -> None:
     metadata = discover(idp_server.issuer, getter)
     assert metadata.issuer == idp_server.issuer
     assert metadata.jwks_uri == f"{idp_server.issuer}/v1/keys"
 
 
 def test_a_document_naming_another_issuer_is_rejected(
-    idp_server: idp.IdpServer, getter: HttpsGetter
+    idp_server: idp_http.IdpServer, getter: HttpsGetter
 ) -> None:
     # Same server, reached as localhost: the document still names 127.0.0.1,
     # and OpenID Connect Discovery 1.0, section 4.3 wants them identical.
@@ -106,7 +106,7 @@ def test_a_document_naming_another_issuer_is_rejected(
 
 
 def test_plain_http_is_refused_without_a_request(
-    idp_server: idp.IdpServer, getter: HttpsGetter
+    idp_server: idp_http.IdpServer, getter: HttpsGetter
 ) -> None:
     before = sum(idp_server.requests.values())
     with pytest.raises(Unavailable, match="https"):
@@ -116,7 +116,7 @@ def test_plain_http_is_refused_without_a_request(
         JwksCache(issuer=idp_server.issuer.replace("https://", "http://"), getter=getter)
 
 
-def test_a_server_we_do_not_trust_is_refused(idp_server: idp.IdpServer) -> None:
+def test_a_server_we_do_not_trust_is_refused(idp_server: idp_http.IdpServer) -> None:
     # No CA bundle means the system's CAs, which never issued the dev certificate.
     with pytest.raises(Unavailable, match="certificate"):
         HttpsGetter(timeout=2).get_json(f"{idp_server.issuer}/v1/keys")
@@ -175,7 +175,9 @@ def test_a_jwks_uri_that_is_not_https_is_refused(
 # The cache.
 
 
-async def test_keys_load_and_verify_a_token(idp_server: idp.IdpServer, getter: HttpsGetter) -> None:
+async def test_keys_load_and_verify_a_token(
+    idp_server: idp_http.IdpServer, getter: HttpsGetter
+) -> None:
     cache = _cache(idp_server, getter, FakeClock())
     assert await cache.refresh()
     assert cache.kids == {idp_server.idp.kid}
@@ -185,7 +187,7 @@ async def test_keys_load_and_verify_a_token(idp_server: idp.IdpServer, getter: H
 
 
 async def test_an_unknown_kid_triggers_one_refresh_then_is_rejected(
-    idp_server: idp.IdpServer, getter: HttpsGetter
+    idp_server: idp_http.IdpServer, getter: HttpsGetter
 ) -> None:
     clock = FakeClock()
     cache = _cache(idp_server, getter, clock)
@@ -207,7 +209,7 @@ async def test_an_unknown_kid_triggers_one_refresh_then_is_rejected(
 
 
 async def test_a_storm_of_unknown_kids_costs_one_fetch(
-    idp_server: idp.IdpServer, getter: HttpsGetter
+    idp_server: idp_http.IdpServer, getter: HttpsGetter
 ) -> None:
     clock = FakeClock()
     cache = _cache(idp_server, getter, clock)
@@ -218,7 +220,7 @@ async def test_a_storm_of_unknown_kids_costs_one_fetch(
 
 
 async def test_a_rotated_key_is_picked_up_by_its_kid(
-    dev_pki: pki.DevPki, idp_server: idp.IdpServer, getter: HttpsGetter, tmp_path: Path
+    dev_pki: pki.DevPki, idp_server: idp_http.IdpServer, getter: HttpsGetter, tmp_path: Path
 ) -> None:
     clock = FakeClock()
     cache = _cache(idp_server, getter, clock)
@@ -228,7 +230,7 @@ async def test_a_rotated_key_is_picked_up_by_its_kid(
     port = int(idp_server.issuer.split(":")[2].split("/")[0])
     idp_server.stop()
     files = dev_pki.files("idp")
-    with idp.IdpServer(
+    with idp_http.IdpServer(
         state_dir=tmp_path, tls_cert=files.cert, tls_key=files.key, port=port
     ) as rotated:
         verifier = AccessTokenVerifier(issuer=rotated.issuer, audience=idp.AUDIENCE, keys=cache)
@@ -238,7 +240,7 @@ async def test_a_rotated_key_is_picked_up_by_its_kid(
 
 
 async def test_a_failed_fetch_keeps_the_cached_keys(
-    idp_server: idp.IdpServer, getter: HttpsGetter, caplog: pytest.LogCaptureFixture
+    idp_server: idp_http.IdpServer, getter: HttpsGetter, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = FakeClock()
     cache = _cache(idp_server, getter, clock)
@@ -259,7 +261,7 @@ async def test_a_failed_fetch_keeps_the_cached_keys(
 
 
 async def test_no_keys_and_no_idp_is_unavailable(
-    idp_server: idp.IdpServer, getter: HttpsGetter
+    idp_server: idp_http.IdpServer, getter: HttpsGetter
 ) -> None:
     clock = FakeClock()
     cache = _cache(idp_server, getter, clock)
@@ -276,7 +278,7 @@ async def test_no_keys_and_no_idp_is_unavailable(
 
 
 async def test_keys_load_once_the_idp_is_back(
-    dev_pki: pki.DevPki, idp_server: idp.IdpServer, idp_state: Path, getter: HttpsGetter
+    dev_pki: pki.DevPki, idp_server: idp_http.IdpServer, idp_state: Path, getter: HttpsGetter
 ) -> None:
     clock = FakeClock()
     cache = _cache(idp_server, getter, clock)
@@ -285,7 +287,7 @@ async def test_keys_load_once_the_idp_is_back(
     with pytest.raises(Unavailable):
         await cache.ensure(idp_server.idp.kid)
     files = dev_pki.files("idp")
-    with idp.IdpServer(
+    with idp_http.IdpServer(
         state_dir=idp_state, tls_cert=files.cert, tls_key=files.key, port=port
     ) as server:
         clock.advance(1)

@@ -17,7 +17,7 @@ from jitgate.audit.client import AuditClient
 from jitgate.common import assertion
 from jitgate.common.rpc import caller
 from jitgate.common.status import UNAUTHENTICATED_MESSAGE
-from jitgate.devstack import idp, pki
+from jitgate.devstack import idp, idp_http, pki
 from jitgate.v1 import audit_pb2, audit_pb2_grpc, types_pb2, verifier_pb2, verifier_pb2_grpc
 from jitgate.verifier.oidc import HttpsGetter, JwksCache
 from jitgate.verifier.servicer import ACL, SERVICE_NAME, VerifierServicer
@@ -66,7 +66,7 @@ class Stack:
 
 async def _serve_verifier(
     dev: pki.DevPki,
-    server: idp.IdpServer,
+    server: idp_http.IdpServer,
     audit_port: int,
     clock: FakeClock,
     key: Ed25519PrivateKey,
@@ -86,7 +86,7 @@ async def _serve_verifier(
 
 
 @pytest.fixture
-async def stack(dev_pki: pki.DevPki, idp_server: idp.IdpServer) -> AsyncIterator[Stack]:
+async def stack(dev_pki: pki.DevPki, idp_server: idp_http.IdpServer) -> AsyncIterator[Stack]:
     recording = RecordingAudit()
     clock = FakeClock()
     key = Ed25519PrivateKey.generate()
@@ -202,7 +202,7 @@ async def test_garbage_request_bytes_are_invalid_argument(
 
 
 async def test_a_rejection_stands_when_audit_is_down(
-    dev_pki: pki.DevPki, idp_server: idp.IdpServer, caplog: pytest.LogCaptureFixture
+    dev_pki: pki.DevPki, idp_server: idp_http.IdpServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = FakeClock()
     key = Ed25519PrivateKey.generate()
@@ -222,7 +222,7 @@ async def test_a_rejection_stands_when_audit_is_down(
 
 
 async def test_no_keys_because_the_idp_is_down_is_unavailable(
-    dev_pki: pki.DevPki, stack: Stack, idp_server: idp.IdpServer
+    dev_pki: pki.DevPki, stack: Stack, idp_server: idp_http.IdpServer
 ) -> None:
     token = _token(stack)
     idp_server.stop()
@@ -233,7 +233,7 @@ async def test_no_keys_because_the_idp_is_down_is_unavailable(
 
 
 async def test_concurrent_requests_share_one_key_fetch(
-    dev_pki: pki.DevPki, stack: Stack, idp_server: idp.IdpServer
+    dev_pki: pki.DevPki, stack: Stack, idp_server: idp_http.IdpServer
 ) -> None:
     results = await asyncio.gather(*(stack.verify(dev_pki, _token(stack)) for _ in range(10)))
     assert {r.identity.subject for r in results} == {"deploy-bot"}

@@ -1,4 +1,4 @@
-"""The dev OIDC issuer over real HTTPS: discovery, JWKS, the token endpoint, agents and keys."""
+"""The dev OIDC issuer over real HTTPS: discovery, JWKS, client credentials, Okta-shaped tokens."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 
 from jitgate.client.oauth import client_credentials_token
 from jitgate.common.errors import ConfigError, Unauthenticated, Unavailable
-from jitgate.devstack import idp, pki
+from jitgate.devstack import idp, idp_http, pki
 
 NOW = 1_800_000_000.0
 SECRET = "deploy-bot-dev-secret-not-for-production"
@@ -29,9 +29,9 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def server(dev_pki: pki.DevPki, state: Path) -> Iterator[idp.IdpServer]:
+def server(dev_pki: pki.DevPki, state: Path) -> Iterator[idp_http.IdpServer]:
     files = dev_pki.files("idp")
-    with idp.IdpServer(
+    with idp_http.IdpServer(
         state_dir=state,
         tls_cert=files.cert,
         tls_key=files.key,
@@ -44,7 +44,7 @@ def server(dev_pki: pki.DevPki, state: Path) -> Iterator[idp.IdpServer]:
 class Http:
     """Raw HTTPS requests to the dev IdP, trusting the dev CA only."""
 
-    def __init__(self, server: idp.IdpServer, ca: Path) -> None:
+    def __init__(self, server: idp_http.IdpServer, ca: Path) -> None:
         self.base = urllib.parse.urlsplit(server.issuer)
         self.context = ssl.create_default_context(cafile=str(ca))
 
@@ -81,19 +81,19 @@ class Http:
 
 
 @pytest.fixture
-def web(server: idp.IdpServer, dev_pki: pki.DevPki) -> Http:
+def web(server: idp_http.IdpServer, dev_pki: pki.DevPki) -> Http:
     return Http(server, dev_pki.ca)
 
 
 # Discovery and keys.
 
 
-def test_the_issuer_is_okta_shaped(server: idp.IdpServer) -> None:
+def test_the_issuer_is_okta_shaped(server: idp_http.IdpServer) -> None:
     assert server.issuer.startswith("https://127.0.0.1:")
     assert server.issuer.endswith("/oauth2/default")
 
 
-def test_the_discovery_document(server: idp.IdpServer, web: Http) -> None:
+def test_the_discovery_document(server: idp_http.IdpServer, web: Http) -> None:
     status, headers, document = web.request("GET", "/.well-known/openid-configuration")
     assert status == 200
     assert headers["Content-Type"] == "application/json"
@@ -108,7 +108,7 @@ def test_the_discovery_document(server: idp.IdpServer, web: Http) -> None:
     assert document["id_token_signing_alg_values_supported"] == ["RS256"]
 
 
-def test_the_jwks_has_one_public_rsa_2048_key(server: idp.IdpServer, web: Http) -> None:
+def test_the_jwks_has_one_public_rsa_2048_key(server: idp_http.IdpServer, web: Http) -> None:
     status, _, document = web.request("GET", "/v1/keys")
     assert status == 200
     [key] = document["keys"]
@@ -124,15 +124,15 @@ def test_the_jwks_has_one_public_rsa_2048_key(server: idp.IdpServer, web: Http) 
 
 
 def test_the_signing_key_and_its_kid_survive_a_restart(
-    dev_pki: pki.DevPki, server: idp.IdpServer, state: Path
+    dev_pki: pki.DevPki, server: idp_http.IdpServer, state: Path
 ) -> None:
     files = dev_pki.files("idp")
-    with idp.IdpServer(state_dir=state, tls_cert=files.cert, tls_key=files.key) as again:
+    with idp_http.IdpServer(state_dir=state, tls_cert=files.cert, tls_key=files.key) as again:
         assert again.idp.kid == server.idp.kid
     assert stat.S_IMODE((state / idp.KEY_FILE).stat().st_mode) == 0o600
 
 
-def test_the_kid_is_the_rfc_7638_thumbprint(server: idp.IdpServer) -> None:
+def test_the_kid_is_the_rfc_7638_thumbprint(server: idp_http.IdpServer) -> None:
     assert server.idp.kid == idp.rsa_key_id(server.idp.key.public_key())
 
 
@@ -157,7 +157,9 @@ def test_anything_else_is_not_found_or_not_allowed(
         assert headers["Allow"] in ("GET", "POST")
 
 
-def test_a_plain_http_request_does_not_stop_the_server(server: idp.IdpServer, web: Http) -> None:
+def test_a_plain_http_request_does_not_stop_the_server(
+    server: idp_http.IdpServer, web: Http
+) -> None:
     plain = http.client.HTTPConnection(web.base.hostname or "", web.base.port, timeout=5)
     plain.request("GET", "/oauth2/default/v1/keys")
     with pytest.raises((OSError, http.client.HTTPException)):
@@ -169,7 +171,7 @@ def test_a_plain_http_request_does_not_stop_the_server(server: idp.IdpServer, we
 # The token endpoint.
 
 
-def _claims(server: idp.IdpServer, token: str) -> dict[str, Any]:
+def _claims(server: idp_http.IdpServer, token: str) -> dict[str, Any]:
     key = jwt.algorithms.RSAAlgorithm.from_jwk(server.idp.jwks()["keys"][0])
     claims: dict[str, Any] = jwt.decode(
         token,
@@ -182,7 +184,7 @@ def _claims(server: idp.IdpServer, token: str) -> dict[str, Any]:
     return claims
 
 
-def test_client_credentials_with_basic_auth(server: idp.IdpServer, web: Http) -> None:
+def test_client_credentials_with_basic_auth(server: idp_http.IdpServer, web: Http) -> None:
     status, headers, body = web.token(
         {"grant_type": "client_credentials"}, basic=("deploy-bot", SECRET)
     )
@@ -208,7 +210,7 @@ def test_client_credentials_with_basic_auth(server: idp.IdpServer, web: Http) ->
     assert claims["groups"] == ["platform"]
 
 
-def test_client_credentials_with_post_auth(server: idp.IdpServer, web: Http) -> None:
+def test_client_credentials_with_post_auth(server: idp_http.IdpServer, web: Http) -> None:
     form = {
         "grant_type": "client_credentials",
         "client_id": "intern-bot",
@@ -221,7 +223,7 @@ def test_client_credentials_with_post_auth(server: idp.IdpServer, web: Http) -> 
     assert (claims["sub"], claims["groups"]) == ("intern-bot", ["interns"])
 
 
-def test_each_token_has_its_own_jti(server: idp.IdpServer, web: Http) -> None:
+def test_each_token_has_its_own_jti(server: idp_http.IdpServer, web: Http) -> None:
     tokens = [
         web.token({"grant_type": "client_credentials"}, basic=("deploy-bot", SECRET))[2]
         for _ in range(2)
@@ -296,7 +298,7 @@ def test_the_request_body_is_bounded(web: Http) -> None:
     assert (status, body["error"]) == (413, "invalid_request")
 
 
-def test_the_server_counts_requests_by_route(server: idp.IdpServer, web: Http) -> None:
+def test_the_server_counts_requests_by_route(server: idp_http.IdpServer, web: Http) -> None:
     web.request("GET", "/v1/keys")
     web.request("GET", "/nowhere")
     assert server.requests["keys"] == 1
@@ -306,7 +308,9 @@ def test_the_server_counts_requests_by_route(server: idp.IdpServer, web: Http) -
 # The client function, as an agent SDK uses it.
 
 
-def test_client_credentials_token_gets_a_token(server: idp.IdpServer, dev_pki: pki.DevPki) -> None:
+def test_client_credentials_token_gets_a_token(
+    server: idp_http.IdpServer, dev_pki: pki.DevPki
+) -> None:
     token = client_credentials_token(
         f"{server.issuer}/v1/token", "deploy-bot", SECRET, ca_file=dev_pki.ca, scope="jitgate"
     )
@@ -314,7 +318,7 @@ def test_client_credentials_token_gets_a_token(server: idp.IdpServer, dev_pki: p
 
 
 def test_client_credentials_token_reports_a_refusal(
-    server: idp.IdpServer, dev_pki: pki.DevPki
+    server: idp_http.IdpServer, dev_pki: pki.DevPki
 ) -> None:
     with pytest.raises(Unauthenticated, match="invalid_client"):
         client_credentials_token(
@@ -322,12 +326,12 @@ def test_client_credentials_token_reports_a_refusal(
         )
 
 
-def test_client_credentials_token_trusts_only_its_ca(server: idp.IdpServer) -> None:
+def test_client_credentials_token_trusts_only_its_ca(server: idp_http.IdpServer) -> None:
     with pytest.raises(Unavailable):
         client_credentials_token(f"{server.issuer}/v1/token", "deploy-bot", SECRET, ca_file=None)
 
 
-def test_client_credentials_token_refuses_plain_http(server: idp.IdpServer) -> None:
+def test_client_credentials_token_refuses_plain_http(server: idp_http.IdpServer) -> None:
     url = server.issuer.replace("https://", "http://") + "/v1/token"
     with pytest.raises(ConfigError, match="https"):
         client_credentials_token(url, "deploy-bot", SECRET, ca_file=None)
@@ -346,7 +350,7 @@ def test_secrets_with_reserved_characters_survive_basic_auth(
 ) -> None:
     agents = idp.parse_agents({"agents": {"odd": {"secret": "a:b%c+d e"}}})
     files = dev_pki.files("idp")
-    with idp.IdpServer(
+    with idp_http.IdpServer(
         state_dir=state, tls_cert=files.cert, tls_key=files.key, agents=agents
     ) as server:
         token = client_credentials_token(
@@ -393,7 +397,7 @@ def test_a_bad_agents_file_names_itself(tmp_path: Path) -> None:
         idp.load_agents(path)
 
 
-def test_mint_signs_what_a_test_asks(server: idp.IdpServer) -> None:
+def test_mint_signs_what_a_test_asks(server: idp_http.IdpServer) -> None:
     token = server.idp.mint({"sub": "x", "aud": "api://elsewhere"}, headers={"typ": "JWT"})
     assert jwt.get_unverified_header(token) == {"alg": "RS256", "kid": server.idp.kid, "typ": "JWT"}
     assert _claims_unverified(token)["aud"] == "api://elsewhere"
@@ -411,9 +415,11 @@ def _claims_unverified(token: str) -> dict[str, Any]:
 def test_the_idp_listens_on_loopback_only(dev_pki: pki.DevPki, state: Path) -> None:
     files = dev_pki.files("idp")
     with pytest.raises(ConfigError, match="loopback"):
-        idp.IdpServer(state_dir=state, tls_cert=files.cert, tls_key=files.key, host="0.0.0.0")  # noqa: S104  # the point
+        idp_http.IdpServer(state_dir=state, tls_cert=files.cert, tls_key=files.key, host="0.0.0.0")  # noqa: S104  # the point
 
 
 def test_a_missing_certificate_is_a_config_error(state: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="TLS certificate"):
-        idp.IdpServer(state_dir=state, tls_cert=tmp_path / "no.pem", tls_key=tmp_path / "no.key")
+        idp_http.IdpServer(
+            state_dir=state, tls_cert=tmp_path / "no.pem", tls_key=tmp_path / "no.key"
+        )
