@@ -16,6 +16,7 @@ import redis
 from redis.exceptions import RedisError
 
 from jitgate.common.errors import ConfigError
+from jitgate.devstack import children
 
 # Each service gets only the commands and keys it needs (DESIGN: "an edge
 # compromise cannot un-revoke a grant"): the issuer cannot touch revoked:*,
@@ -108,8 +109,7 @@ class RedisServer:
         """Start the server and wait until the admin user can PING it."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         acl = self._write_acl()
-        log = (self.workdir / "redis.log").open("ab")
-        self.process = subprocess.Popen(
+        self.process = children.spawn(
             [
                 str(self.binary),
                 "--port",
@@ -125,11 +125,8 @@ class RedisServer:
                 "--aclfile",
                 str(acl),
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            log=self.workdir / "redis.log",
         )
-        log.close()
         deadline = time.monotonic() + timeout
         client = redis.Redis.from_url(self.url("admin"), socket_timeout=1.0)
         try:
@@ -151,10 +148,5 @@ class RedisServer:
 
     def stop(self) -> None:
         """Stop the server."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            children.stop(self.process, timeout=5)

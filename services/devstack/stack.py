@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jitgate.client import oauth
 from jitgate.common import keys, tls
 from jitgate.common.errors import ConfigError
-from jitgate.devstack import idp, pki
+from jitgate.devstack import children, idp, pki
 from jitgate.devstack.redis_server import RedisServer, free_port
 
 SERVICES = ("audit", "verifier", "policy", "issuer")
@@ -34,20 +32,6 @@ DEFAULT_PORTS: Mapping[str, int] = {
     "proxy": 6432,
 }
 EXAMPLES = Path(__file__).parent / "examples"
-_PR_SET_PDEATHSIG = 1
-
-
-try:
-    # Loaded once here: between fork and exec the child must not dlopen.
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:
-    _LIBC = None
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the launcher dies, so no service outlives it (Linux)."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Stack:
@@ -166,16 +150,9 @@ class Stack:
     # Processes -----------------------------------------------------------
 
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str]) -> None:
-        log = (self.logs / f"{name}.log").open("ab")
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "jitgate", *argv],
-            env=dict(env),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        self.processes[name] = children.spawn(
+            [sys.executable, "-m", "jitgate", *argv], log=self.logs / f"{name}.log", env=env
         )
-        log.close()
 
     def start_service(self, name: str, *, timeout: float = 30.0) -> None:
         """Start one service process and wait until it reports SERVING."""
@@ -279,15 +256,8 @@ class Stack:
     def stop_service(self, name: str, *, timeout: float = 10.0) -> None:
         """SIGTERM one process and wait; SIGKILL it if it will not stop."""
         process = self.processes.pop(name, None)
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGCONT)  # a paused (SIGSTOP) process cannot handle SIGTERM
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            children.stop(process, timeout=timeout)
 
     def stop(self) -> None:
         """Stop every process, newest first, then Redis."""
