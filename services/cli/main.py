@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from jitgate import __version__
 from jitgate.common.errors import ConfigError
+from jitgate.devstack import children
 
 # Each module has register(subparsers), which adds its verb and sets `func`
 # (args -> exit code) on the parser it adds.
@@ -29,6 +30,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run one verb and exit with its code; configuration errors exit 2 with their message."""
+    children.follow_parent()
     args = parser().parse_args(argv)
     try:
         code = args.func(args)

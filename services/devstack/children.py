@@ -1,44 +1,61 @@
-"""Child processes of the launcher that cannot outlive it."""
+"""Child processes of the launcher that cannot outlive it.
+
+No preexec_fn: the launcher runs gRPC threads, and code run between fork and
+exec in a threaded parent can deadlock on a lock another thread held at the
+fork (seen here as a launcher hung forever in Popen). Instead a jitgate child
+arms PR_SET_PDEATHSIG itself as it starts (follow_parent), and redis-server is
+started through util-linux's setpriv --pdeathsig where that exists.
+"""
 
 from __future__ import annotations
 
 import ctypes
+import os
+import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+PARENT_ENV = "JITGATE_PARENT_PID"
 _PR_SET_PDEATHSIG = 1
-try:
-    # Loaded once here: between fork and exec the child must not dlopen.
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:
-    _LIBC = None
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the parent dies, however it dies (Linux)."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def follow_parent() -> None:
+    """In a child started by spawn(): exit when the launcher exits, however it exits (Linux)."""
+    parent = os.environ.pop(PARENT_ENV, "")
+    if not parent.isdigit() or sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    # The parent may have died before the signal was armed.
+    if os.getppid() != int(parent):
+        sys.exit(1)
 
 
-def _preexec() -> Callable[[], None] | None:
-    return _die_with_parent if sys.platform == "linux" else None
+def binary_argv(argv: Sequence[str]) -> list[str]:
+    """argv for a non-jitgate program, wrapped so that it dies with the launcher if possible."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or sys.platform != "linux":
+        return list(argv)
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv]
 
 
 def spawn(
     argv: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start argv with its output appended to log; it dies if the launcher dies."""
+    """Start argv with its output appended to log."""
+    child_env = {**(env if env is not None else os.environ), PARENT_ENV: str(os.getpid())}
     with log.open("ab") as out:
         return subprocess.Popen(
             list(argv),
-            env=dict(env) if env is not None else None,
+            env=child_env,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_preexec(),
         )
 
 

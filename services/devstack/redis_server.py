@@ -110,21 +110,23 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         acl = self._write_acl()
         self.process = children.spawn(
-            [
-                str(self.binary),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                "--aclfile",
-                str(acl),
-            ],
+            children.binary_argv(
+                [
+                    str(self.binary),
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.workdir),
+                    "--aclfile",
+                    str(acl),
+                ]
+            ),
             log=self.workdir / "redis.log",
         )
         deadline = time.monotonic() + timeout
