@@ -25,6 +25,11 @@ def grant_key(grant_id: str) -> str:
     return f"grant:{grant_id}"
 
 
+def issued_key(grant_id: str) -> str:
+    """The policy service's own record of a grant it signed; only policy may write it."""
+    return f"issued:{grant_id}"
+
+
 def revoked_key(grant_id: str) -> str:
     """The Redis marker of a revoked grant; only the policy service may write it."""
     return f"revoked:{grant_id}"

@@ -19,21 +19,24 @@ from jitgate.common.errors import ConfigError
 from jitgate.devstack import children
 
 # Each service gets only the commands and keys it needs (DESIGN: "an edge
-# compromise cannot un-revoke a grant"): the issuer cannot touch revoked:*,
-# the proxy can only read and subscribe, only policy writes revocations.
+# compromise cannot un-revoke a grant"): the issuer cannot touch issued:* or
+# revoked:*, the proxy can only read and subscribe, and only policy writes the
+# ledger that revocations are decided from. The issuer writes grants through
+# one script (EVALSHA) whose commands Redis checks against the same rules.
 ACL_RULES: Mapping[str, str] = {
     "admin": "~* &* +@all",
     "issuer": (
-        "resetchannels ~grant:* ~agent:* -@all +ping +hset +hgetall +pexpireat +zadd"
-        " +zrangebyscore +zremrangebyscore +zrem +del +multi +exec +discard"
+        "resetchannels ~grant:* ~agent:* -@all +ping +hgetall +zrangebyscore +zrem +del"
+        " +multi +exec +discard +evalsha +script|load +time +hset +pexpireat +zadd"
+        " +zremrangebyscore"
     ),
     "policy": (
-        "resetchannels ~grant:* ~revoked:* &jitgate:revocations -@all +ping +hgetall +get"
-        " +exists +set +pexpireat +publish +multi +exec +discard"
+        "resetchannels ~issued:* ~revoked:* &jitgate:revocations -@all +ping +hset +hgetall"
+        " +get +set +pexpireat +publish +multi +exec +discard"
     ),
     "proxy": (
-        "resetchannels ~grant:* ~revoked:* &jitgate:revocations -@all +ping +hgetall +get"
-        " +exists +subscribe +unsubscribe"
+        "resetchannels ~grant:* ~issued:* ~revoked:* &jitgate:revocations -@all +ping"
+        " +hgetall +get +exists +subscribe +unsubscribe"
     ),
 }
 

@@ -26,7 +26,7 @@ async def serve(env: Env) -> None:
         env.address("JITGATE_POLICY_ADDR"), credentials, server_name="policy"
     )
     redis_url = env.string("JITGATE_REDIS_URL")
-    store = GrantStore(redisconn.connect(redis_url))
+    store = GrantStore(redis_url)
     log.info("redis %s", redisconn.redacted(redis_url))
     servicer = IssuerServicer(
         verifier=verifier_pb2_grpc.VerifierStub(verifier),

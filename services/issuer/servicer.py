@@ -184,7 +184,7 @@ class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
         )
         # No grant exists until it is live in Redis: if this fails the agent
         # gets UNAVAILABLE and the signed token is never handed out.
-        await self._store.put(record, now=self._clock())
+        await self._store.put(record, within=budget.left("redis"))
         log.info(
             "grant %s: %s on %s until %.0f", record.grant_id, subject, connection, record.expires_at
         )

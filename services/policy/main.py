@@ -11,7 +11,7 @@ from jitgate.common.config import Env
 from jitgate.common.identity import DEFAULT_TRUST_DOMAIN, spiffe_id
 from jitgate.common.server import Service
 from jitgate.policy import model
-from jitgate.policy.revocations import Revocations
+from jitgate.policy.ledger import Ledger
 from jitgate.policy.servicer import ACL, PolicyServicer, PolicySettings
 from jitgate.v1 import policy_pb2_grpc
 
@@ -39,14 +39,14 @@ async def serve(env: Env) -> None:
         env.address("JITGATE_AUDIT_ADDR"), tls.channel_credentials(files), server_name="audit"
     )
     audit = AuditClient(audit_channel)
-    revocations = Revocations(redisconn.connect(redis_url))
+    ledger = Ledger(redisconn.connect(redis_url))
     log.info("redis %s", redisconn.redacted(redis_url))
     servicer = PolicyServicer(
         policy=lambda: policy,
         assertions=assertion.checker(verifier_keys, trust_domain),
         signer=signer,
         audit=audit,
-        revocations=revocations,
+        ledger=ledger,
         settings=PolicySettings(
             grant_audience=env.string("JITGATE_GRANT_AUDIENCE", spiffe_id("proxy", trust_domain)),
             audit_deadline=env.seconds("JITGATE_AUDIT_DEADLINE", 2.0, low=0.05, high=30.0),
@@ -60,7 +60,7 @@ async def serve(env: Env) -> None:
         acl=ACL,
         register=lambda server: policy_pb2_grpc.add_PolicyServicer_to_server(servicer, server),
         service_names=["jitgate.v1.Policy"],
-        cleanup=[audit.close, revocations.close],
+        cleanup=[audit.close, ledger.close],
         trust_domain=trust_domain,
     )
     await service.run_until_signalled()

@@ -11,11 +11,12 @@ from jitgate.audit.client import AuditClient
 from jitgate.common import assertion, validate, wire
 from jitgate.common.clock import Clock
 from jitgate.common.errors import NotFound, PermissionDenied
+from jitgate.common.grants import GrantRecord
 from jitgate.common.jws import Checker, Signer
 from jitgate.common.rpc import ServicerContext
 from jitgate.policy.decide import MESSAGES, Decision, Request, decide
+from jitgate.policy.ledger import Ledger
 from jitgate.policy.model import Policy
-from jitgate.policy.revocations import Revocations
 from jitgate.v1 import audit_pb2, policy_pb2, policy_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         assertions: Checker,
         signer: Signer,
         audit: AuditClient,
-        revocations: Revocations,
+        ledger: Ledger,
         settings: PolicySettings,
         clock: Clock,
     ) -> None:
@@ -59,7 +60,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         self._assertions = assertions
         self._signer = signer
         self._audit = audit
-        self._revocations = revocations
+        self._ledger = ledger
         self._settings = settings
         self._clock = clock
 
@@ -86,7 +87,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             now=now,
         )
         grant_id = secrets.token_hex(16) if decision.allowed else ""
-        issued_at, expires_at = float(int(now)), float(int(now) + decision.ttl_seconds)
+        issued_at, expires_at = now, now + decision.ttl_seconds
         record = audit_pb2.DecisionRecorded(
             connection=connection,
             requested_ttl_seconds=ttl,
@@ -119,6 +120,19 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
                 MESSAGES.get(decision.reason_code, "denied"),
                 metadata={"connection": connection},
             )
+        # Remember what is signed, where the edge cannot rewrite it (Revoke reads it).
+        await self._ledger.issue(
+            GrantRecord(
+                grant_id=grant_id,
+                subject=identity.subject,
+                client_id=identity.client_id,
+                connection=connection,
+                connection_kind=decision.connection.kind,
+                issued_at=issued_at,
+                expires_at=expires_at,
+                proxy_endpoint="",
+            )
+        )
         token = self._signer.sign(
             {
                 "aud": self._settings.grant_audience,
@@ -153,10 +167,14 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         reason = validate.reason(request.reason)
         now = self._clock()
         identity = assertion.identity_from(self._assertions.check(request.assertion, now))
-        record = await self._revocations.grant(grant_id)
+        record = await self._ledger.issued(grant_id)
         # Someone else's grant looks exactly like a missing one: no oracle.
         if record is None or record.subject != identity.subject:
             raise NotFound("grant")
+        already = await self._ledger.revoked_at(grant_id)
+        if already is not None:
+            # Revoking twice records nothing new and keeps the first time.
+            return policy_pb2.RevokeResponse(revoked_at=wire.timestamp(already))
         event = audit_pb2.GrantRevoked(
             grant_id=grant_id,
             subject=record.subject,
@@ -169,6 +187,6 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         await self._audit.append(
             audit_pb2.AuditEvent(revocation=event), timeout=self._deadline(context)
         )
-        await self._revocations.revoke(record, actor=identity.subject, now=now)
+        await self._ledger.revoke(record, actor=identity.subject, now=now)
         log.info("grant %s revoked by %s", grant_id, identity.subject)
         return policy_pb2.RevokeResponse(revoked_at=wire.timestamp(now))

@@ -7,9 +7,12 @@ themselves are the verifier's tests; end-to-end tests run the real one.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -24,11 +27,11 @@ from jitgate.common import assertion, grants, redisconn, tls
 from jitgate.common.errors import Unauthenticated
 from jitgate.common.rpc import ServicerContext
 from jitgate.devstack.pki import DevPki
-from jitgate.devstack.redis_server import RedisServer
+from jitgate.devstack.redis_server import RedisServer, free_port
 from jitgate.issuer.servicer import IssuerServicer, IssuerSettings, bearer_token
 from jitgate.issuer.store import GrantStore
 from jitgate.policy import model
-from jitgate.policy.revocations import Revocations
+from jitgate.policy.ledger import Ledger
 from jitgate.policy.servicer import ACL as POLICY_ACL
 from jitgate.policy.servicer import PolicyServicer, PolicySettings
 from jitgate.v1 import (
@@ -58,7 +61,12 @@ max_ttl = "5m"
 
 
 class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
-    """Accepts "good:<subject>" tokens; "down" plays an unreachable IdP."""
+    """Accepts "good:<subject>" tokens.
+
+    "down" plays an unreachable IdP, "stall" a verifier that never answers,
+    "expiring:<subject>" a token with half a second left, and "rogue:<subject>"
+    an assertion signed with a key the policy service does not trust.
+    """
 
     def __init__(self) -> None:
         self.edges: list[types_pb2.EdgeContext] = []
@@ -69,18 +77,22 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
         self.edges.append(request.edge)
         if request.token == "down":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "jwks unreachable")
-        if not request.token.startswith("good:"):
+        if request.token == "stall":
+            await asyncio.sleep(30)
+        kind, _, subject = request.token.partition(":")
+        if kind not in ("good", "expiring", "rogue") or not subject:
             raise Unauthenticated("signature")
-        subject = request.token.removeprefix("good:")
+        key = Ed25519PrivateKey.generate() if kind == "rogue" else VERIFIER_KEY
+        lifetime = 0.5 if kind == "expiring" else 3600
         identity = assertion.Identity(
             subject=subject,
             client_id=subject,
             groups=("platform",),
-            token_expires_at=time.time() + 3600,
+            token_expires_at=time.time() + lifetime,
             issuer="https://idp",
         )
         token, _ = assertion.sign(
-            assertion.signer(VERIFIER_KEY, "jitgate"),
+            assertion.signer(key, "jitgate"),
             identity,
             trust_domain="jitgate",
             now=time.time(),
@@ -117,10 +129,11 @@ async def call(rig: Rig, token: str, action: Callable[[sdk.IssuerClient], T]) ->
     return await asyncio.to_thread(run)
 
 
-@pytest.fixture
-async def rig(
-    dev_pki: DevPki, redis_server: RedisServer, redis_admin: redis.Redis
+@asynccontextmanager
+async def open_rig(
+    dev_pki: DevPki, redis_server: RedisServer, issuer_redis: str | None = None
 ) -> AsyncIterator[Rig]:
+    """The issuer with a real policy service; issuer_redis overrides the issuer's Redis."""
     audit, fake_verifier = RecordingAudit(), FakeVerifier()
     credentials = tls.channel_credentials(dev_pki.files("issuer"))
     async with (
@@ -142,7 +155,7 @@ async def rig(
             assertions=assertion.checker([VERIFIER_KEY.public_key()], "jitgate"),
             signer=grants.token_signer(Ed25519PrivateKey.generate(), "jitgate"),
             audit=AuditClient(audit_channel),
-            revocations=Revocations(redisconn.connect(redis_server.url("policy"))),
+            ledger=Ledger(redisconn.connect(redis_server.url("policy"))),
             settings=PolicySettings(grant_audience="spiffe://jitgate/proxy", audit_deadline=0.5),
             clock=time.time,
         )
@@ -158,7 +171,7 @@ async def rig(
             policy_channel = tls.secure_channel(
                 f"127.0.0.1:{policy_port}", credentials, server_name="policy"
             )
-            store = GrantStore(redisconn.connect(redis_server.url("issuer")))
+            store = GrantStore(issuer_redis or redis_server.url("issuer"))
             issuer = IssuerServicer(
                 verifier=verifier_pb2_grpc.VerifierStub(verifier_channel),
                 policy=policy_pb2_grpc.PolicyStub(policy_channel),
@@ -181,6 +194,14 @@ async def rig(
             for ch in (verifier_channel, policy_channel, audit_channel):
                 await ch.close()
             await store.close()
+
+
+@pytest.fixture
+async def rig(
+    dev_pki: DevPki, redis_server: RedisServer, redis_admin: redis.Redis
+) -> AsyncIterator[Rig]:
+    async with open_rig(dev_pki, redis_server) as opened:
+        yield opened
 
 
 async def test_request_stores_the_grant_until_it_expires(
@@ -309,3 +330,91 @@ def test_bearer_token_rejections(metadata: list[tuple[str, str | bytes]], check:
 
 def test_bearer_scheme_is_case_insensitive() -> None:
     assert bearer_token([("authorization", "bearer abc")]) == "abc"
+
+
+@pytest.mark.parametrize(
+    ("connection", "token", "reason"),
+    [
+        ("no-such-connection", "good:deploy-bot", "CONNECTION_UNKNOWN"),
+        ("orders-replica", "expiring:deploy-bot", "TOKEN_EXPIRING"),
+    ],
+)
+async def test_every_denial_reason_reaches_the_agent(
+    rig: Rig, connection: str, token: str, reason: str
+) -> None:
+    with pytest.raises(sdk.Denied) as raised:
+        await call(rig, token, lambda a: a.request_grant(connection))
+    assert raised.value.reason == reason
+
+
+async def test_a_stalled_verifier_is_unavailable_within_the_budget(
+    rig: Rig, redis_admin: redis.Redis
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(sdk.Unavailable):
+        await call(rig, "stall", lambda a: a.request_grant("orders-replica"))
+    assert time.monotonic() - started < 2.5  # the issuer's budget here is 1.5 s
+    assert not redis_admin.keys("grant:*")
+
+
+async def test_policy_refusing_the_assertion_is_not_blamed_on_the_token(rig: Rig) -> None:
+    # A rejected assertion is jitgate's own fault: UNAVAILABLE, not UNAUTHENTICATED.
+    with pytest.raises(sdk.Unavailable):
+        await call(rig, "rogue:deploy-bot", lambda a: a.request_grant("orders-replica"))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xff\xff\xff",
+        b"\x0a\x02\xc3\x28",  # connection = invalid UTF-8
+        b"\x10" + b"\xff" * 11,  # ttl_seconds, an overlong varint
+    ],
+)
+async def test_undecodable_requests_are_invalid_argument(rig: Rig, payload: bytes) -> None:
+    async with tls.secure_channel(
+        rig.issuer, grpc.ssl_channel_credentials(rig.ca.read_bytes()), server_name="issuer"
+    ) as ch:
+        request = ch.unary_unary(
+            "/jitgate.v1.Issuer/RequestGrant",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await request(payload, timeout=5, metadata=(("authorization", "Bearer good:x"),))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_redis_down_means_unavailable_and_no_token(
+    dev_pki: DevPki, redis_server: RedisServer
+) -> None:
+    dead = f"redis://issuer:x@127.0.0.1:{free_port()}/0"
+    async with open_rig(dev_pki, redis_server, issuer_redis=dead) as rig:
+        with pytest.raises(sdk.Unavailable):
+            await call(rig, "good:deploy-bot", lambda a: a.request_grant("orders-replica"))
+
+
+async def test_a_stalled_redis_leaves_no_grant_behind_when_it_resumes(
+    dev_pki: DevPki, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    stalled = RedisServer(workdir=tmp_path, port=free_port())
+    stalled.start()
+    assert stalled.process is not None
+    try:
+        async with open_rig(dev_pki, redis_server, issuer_redis=stalled.url("issuer")) as rig:
+            # A first grant leaves a pooled connection, so the next write is sent
+            # into the stalled server rather than stuck in the handshake.
+            first = await call(rig, "good:deploy-bot", lambda a: a.request_grant("orders-replica"))
+            stalled.process.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            with pytest.raises(sdk.Unavailable):
+                await call(rig, "good:deploy-bot", lambda a: a.request_grant("orders-replica"))
+            assert time.monotonic() - started < 2.5
+            stalled.process.send_signal(signal.SIGCONT)
+            await asyncio.sleep(0.5)  # the queued write runs now, after its deadline
+            admin = redis.Redis.from_url(stalled.url("admin"))
+            assert admin.keys("grant:*") == [grants.grant_key(first.grant_id).encode()]
+            admin.close()
+    finally:
+        stalled.process.send_signal(signal.SIGCONT)
+        stalled.stop()

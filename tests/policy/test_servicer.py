@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -17,11 +17,10 @@ from grpc_status import rpc_status
 from jitgate.audit.client import AuditClient
 from jitgate.common import assertion, grants, redisconn, tls
 from jitgate.common.assertion import Identity
-from jitgate.common.grants import GrantRecord
 from jitgate.devstack.pki import DevPki
 from jitgate.devstack.redis_server import RedisServer, free_port
 from jitgate.policy import model
-from jitgate.policy.revocations import Revocations
+from jitgate.policy.ledger import Ledger
 from jitgate.policy.servicer import ACL, PolicyServicer, PolicySettings
 from jitgate.v1 import policy_pb2, policy_pb2_grpc
 from tests.support import AUDIT_ACL, RecordingAudit, channel, running, serve_audit
@@ -76,13 +75,13 @@ async def _rig(
             tls.channel_credentials(dev.files("policy")),
             server_name="audit",
         )
-        revocations = Revocations(redisconn.connect(redis_url))
+        ledger = Ledger(redisconn.connect(redis_url))
         servicer = PolicyServicer(
             policy=lambda: POLICY,
             assertions=assertion.checker([VERIFIER_KEY.public_key()], "jitgate"),
             signer=grants.token_signer(POLICY_KEY, "jitgate"),
             audit=AuditClient(audit_channel),
-            revocations=revocations,
+            ledger=ledger,
             settings=PolicySettings(grant_audience=AUDIENCE, audit_deadline=deadline),
             clock=time.time,
         )
@@ -93,7 +92,7 @@ async def _rig(
         async with running(dev, "policy", register, ACL) as port:
             yield Rig(port=port, audit=audit, dev=dev)
         await audit_channel.close()
-        await revocations.close()
+        await ledger.close()
 
 
 @pytest.fixture
@@ -207,21 +206,11 @@ async def test_malformed_requests_are_invalid_argument(
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def _store_grant(redis_server: RedisServer, subject: str) -> GrantRecord:
-    record = GrantRecord(
-        grant_id="ab" * 16,
-        subject=subject,
-        client_id=subject,
-        connection="orders-replica",
-        connection_kind="postgres",
-        issued_at=NOW,
-        expires_at=NOW + 300,
-        proxy_endpoint="127.0.0.1:6432",
-    )
-    issuer = redis.Redis.from_url(redis_server.url("issuer"))
-    issuer.hset(grants.grant_key(record.grant_id), mapping=record.to_hash())
-    issuer.close()
-    return record
+async def _granted(rig: Rig, subject: str = "deploy-bot") -> policy_pb2.Decision:
+    """A grant as policy signed it, so that its ledger knows it."""
+    decision = await _decide(rig, "orders-replica", assertion=_assertion(subject))
+    rig.audit.events.clear()
+    return decision
 
 
 async def _revoke(
@@ -236,62 +225,95 @@ async def _revoke(
         )
 
 
-async def test_revoke_records_then_marks_and_announces(
-    rig: Rig, redis_server: RedisServer, redis_admin: redis.Redis
-) -> None:
-    record = await _store_grant(redis_server, "deploy-bot")
+async def test_revoke_records_then_marks_and_announces(rig: Rig, redis_admin: redis.Redis) -> None:
+    grant = await _granted(rig)
     pubsub = redis_admin.pubsub()
     pubsub.subscribe(grants.REVOCATION_CHANNEL)
     pubsub.get_message(timeout=1)
-    await _revoke(rig, record.grant_id)
-    assert redis_admin.exists(grants.revoked_key(record.grant_id))
-    marker_expiry = time.time() + redis_admin.pttl(grants.revoked_key(record.grant_id)) / 1000
-    assert marker_expiry >= record.expires_at
+    await _revoke(rig, grant.grant_id)
+    assert redis_admin.exists(grants.revoked_key(grant.grant_id))
+    marker_expiry = time.time() + redis_admin.pttl(grants.revoked_key(grant.grant_id)) / 1000
+    assert marker_expiry >= grant.expires_at.seconds
     message = pubsub.get_message(timeout=2)
     assert message is not None
-    assert message["data"] == record.grant_id.encode()
+    assert message["data"] == grant.grant_id.encode()
     assert rig.audit.kinds() == ["revocation"]
     assert rig.audit.events[0][1].revocation.actor == "deploy-bot"
 
 
-async def test_someone_elses_grant_looks_missing(
-    rig: Rig, redis_server: RedisServer, redis_admin: redis.Redis
-) -> None:
-    record = await _store_grant(redis_server, "other-bot")
-    for grant_id in (record.grant_id, "cd" * 16):
+async def test_revoking_twice_records_once_and_keeps_the_first_time(rig: Rig) -> None:
+    grant = await _granted(rig)
+    first = await _revoke(rig, grant.grant_id)
+    second = await _revoke(rig, grant.grant_id)
+    assert second.revoked_at == first.revoked_at
+    assert rig.audit.kinds() == ["revocation"]
+
+
+async def test_someone_elses_grant_looks_missing(rig: Rig, redis_admin: redis.Redis) -> None:
+    theirs = await _granted(rig, "other-bot")
+    for grant_id in (theirs.grant_id, "cd" * 16):
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await _revoke(rig, grant_id)
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-    assert not redis_admin.exists(grants.revoked_key(record.grant_id))
+    assert not redis_admin.exists(grants.revoked_key(theirs.grant_id))
     assert not rig.audit.events
 
 
-async def test_revoke_with_audit_down_marks_nothing(
+async def test_what_the_issuer_can_write_does_not_steer_a_revocation(
     rig: Rig, redis_server: RedisServer, redis_admin: redis.Redis
 ) -> None:
-    record = await _store_grant(redis_server, "deploy-bot")
+    # The issuer is agent-reachable: its Redis user can rewrite grant:* at will,
+    # e.g. to name another owner or an expiry in the past. Revoke must not care.
+    grant = await _granted(rig, "other-bot")
+    issuer = redis.Redis.from_url(redis_server.url("issuer"))
+    forged = {"subject": "deploy-bot", "expires_at": "1.0", "grant_id": grant.grant_id}
+    issuer.hset(grants.grant_key(grant.grant_id), mapping=forged)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        issuer.hset(grants.issued_key(grant.grant_id), mapping=forged)
+    issuer.close()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _revoke(rig, grant.grant_id, "deploy-bot")
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    await _revoke(rig, grant.grant_id, "other-bot")
+    assert redis_admin.pttl(grants.revoked_key(grant.grant_id)) > 60_000
+    assert rig.audit.events[0][1].revocation.expires_at == grant.expires_at
+
+
+async def test_revoke_with_audit_down_marks_nothing(rig: Rig, redis_admin: redis.Redis) -> None:
+    grant = await _granted(rig)
     rig.audit.mode = "fail"
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await _revoke(rig, record.grant_id)
+        await _revoke(rig, grant.grant_id)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert not redis_admin.exists(grants.revoked_key(record.grant_id))
+    assert not redis_admin.exists(grants.revoked_key(grant.grant_id))
 
 
-async def test_redis_down_means_unavailable(dev_pki: DevPki) -> None:
+async def test_redis_down_means_unavailable_and_no_grant(dev_pki: DevPki) -> None:
     dead = f"redis://policy:x@127.0.0.1:{free_port()}/0"
     async for rig in _rig(dev_pki, dead, RecordingAudit(), 0.5):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await _decide(rig, "orders-replica")
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await _revoke(rig, "ab" * 16)
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_the_policy_user_cannot_be_tricked_into_deleting_grants(
-    redis_server: RedisServer,
+@pytest.mark.parametrize(
+    "command",
+    [
+        lambda c: c.delete(grants.grant_key("ab" * 16)),
+        lambda c: c.hset(grants.grant_key("ab" * 16), "subject", "x"),
+        lambda c: c.pexpireat(grants.grant_key("ab" * 16), 1),
+        lambda c: c.set(grants.grant_key("ab" * 16), "x"),
+    ],
+)
+async def test_the_policy_user_cannot_touch_the_issuers_grants(
+    redis_server: RedisServer, command: Callable[[redis.Redis], object]
 ) -> None:
-    # ACLs, not code review, stop policy from deleting what the issuer stores.
     client = redis.Redis.from_url(redis_server.url("policy"))
     with pytest.raises(redis.exceptions.NoPermissionError):
-        client.delete(grants.grant_key("ab" * 16))
+        command(client)
     client.close()
 
 
