@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -115,7 +116,12 @@ class SqliteStore:
                 uri = f"{path.resolve().as_uri()}?mode=ro"
                 db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
             else:
+                # Readable by the audit service's own user only; SQLite gives
+                # the -wal and -shm files the database file's permissions.
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
                 db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except OSError as exc:
+            raise StoreError(f"cannot open {path}: {exc.strerror}") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open {path}: {exc}") from exc
         store = cls(connection=db, path=path, read_only=read_only)

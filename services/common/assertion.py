@@ -52,8 +52,14 @@ def signer(key: Ed25519PrivateKey, trust_domain: str) -> Signer:
 def sign(
     signer: Signer, identity: Identity, *, trust_domain: str, now: float, lifetime: float
 ) -> tuple[str, float]:
-    """Return (assertion, its expiry); it never outlives the token it vouches for."""
-    expires = min(now + min(lifetime, MAX_LIFETIME), identity.token_expires_at)
+    """Return (assertion, its expiry), at most MAX_LIFETIME from now.
+
+    The assertion's own expiry is not capped at the token's: a token the
+    verifier accepted within its clock-skew leeway must still reach the policy
+    service, which compares the token's expiry (`tex`) with the grant's and
+    answers TOKEN_EXPIRING; otherwise the agent would be told "retry later".
+    """
+    expires = now + min(lifetime, MAX_LIFETIME)
     claims = {
         "aud": audience_id(trust_domain),
         "sub": identity.subject,

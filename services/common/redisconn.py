@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
@@ -26,11 +26,12 @@ def connect(url: str, *, timeout: float = 1.0) -> redis.Redis:
 
 
 def redacted(url: str) -> str:
-    """Return url without its password, for logs."""
+    """Return url as scheme, user, host, port and path only, for logs.
+
+    Passwords can hide in the userinfo and in the query (?password=...), so
+    both are dropped rather than masked.
+    """
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    user = f"{parts.username}@" if parts.username else ""
+    port = f":{parts.port}" if parts.port is not None else ""
+    return f"{parts.scheme}://{user}{parts.hostname or ''}{port}{parts.path}"

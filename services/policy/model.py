@@ -19,7 +19,7 @@ from jitgate.common.errors import ConfigError, InvalidArgument
 
 KINDS = ("postgres", "ssh", "kubernetes")
 DEFAULT_TTL_CEILING = 15 * 60
-_DURATION = re.compile(r"(\d+)(s|m|h)?")
+_DURATION = re.compile(r"([0-9]+)(s|m|h)?")  # ASCII digits only
 _UNITS = {"s": 1, "m": 60, "h": 3600, None: 1}
 
 
@@ -117,8 +117,27 @@ def _connection(name: str, table: Any) -> Connection:
     return Connection(name=name, kind=kind, description=reader.string("description", default=""))
 
 
-def parse(text: str, *, source: str = "policy") -> Policy:
-    """Return the Policy in TOML text, or raise ConfigError naming the offending key path."""
+def _group(name: str, path: str) -> str:
+    # Okta group names may hold spaces, but not at the ends, and never a "*":
+    # there is no wildcard, and a group that looks like one misleads reviewers.
+    if not name.strip() or name != name.strip() or not name.isprintable() or "*" in name:
+        raise ConfigError(
+            f"{path}: {name!r} is not a group name (empty, padded, control characters or '*')"
+        )
+    return name
+
+
+def parse(data: str | bytes, *, source: str = "policy") -> Policy:
+    """Return the Policy in TOML data, or raise ConfigError naming the offending key path.
+
+    The policy's version is the SHA-256 of the bytes as given, so it matches
+    `sha256sum policy.toml` whatever the file's line endings.
+    """
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not UTF-8") from None
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -141,12 +160,10 @@ def parse(text: str, *, source: str = "policy") -> Policy:
         reader = _Reader(table, path)
         reader.no_extra({"group", "connection", "max_ttl"})
         binding = Binding(
-            group=reader.string("group"),
+            group=_group(reader.string("group"), f"{path}.group"),
             connection=reader.string("connection"),
             max_ttl=reader.duration("max_ttl"),
         )
-        if not binding.group:
-            raise ConfigError(f"{path}.group: must not be empty")
         if binding.connection not in connections:
             raise ConfigError(f"{path}.connection: {binding.connection!r} is not a connection")
         if binding.max_ttl > ceiling:
@@ -160,16 +177,14 @@ def parse(text: str, *, source: str = "policy") -> Policy:
         connections=connections,
         bindings=tuple(bindings),
         ttl_ceiling=ceiling,
-        version=hashlib.sha256(text.encode()).hexdigest(),
+        version=hashlib.sha256(raw).hexdigest(),
     )
 
 
 def load(path: Path) -> Policy:
     """Parse the policy file at path."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read policy file {path}: {exc.strerror}") from exc
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8") from None
-    return parse(text, source=str(path))
+    return parse(raw, source=str(path))

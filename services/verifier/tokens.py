@@ -151,13 +151,19 @@ def peek(token: str) -> Claimed:
     )
 
 
+MAX_SUBJECT_CHARS = 256
+
+
 def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None and name not in claims:
         return None
     # RFC 7519, section 2: a NumericDate is a JSON number. bool is an int in
     # Python, and NaN or infinity would make every comparison false.
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Unauthenticated(f"{name}_invalid", f"{name} is not a number")
+    # Range first: math.isfinite raises OverflowError on an int like 10**400.
+    if isinstance(value, float) and not math.isfinite(value):
         raise Unauthenticated(f"{name}_invalid", f"{name} is not a number")
     if not 0 <= value <= MAX_NUMERIC_DATE:
         raise Unauthenticated(f"{name}_invalid", f"{name} {value} is out of range")
@@ -305,6 +311,10 @@ class AccessTokenVerifier:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise Unauthenticated("sub_missing")
+        # The subject names the agent in logs, Redis and the audit log: no
+        # control or bidi-override characters, and a bounded length.
+        if len(subject) > MAX_SUBJECT_CHARS or not subject.isprintable():
+            raise Unauthenticated("sub_invalid", "sub is too long or not printable")
         groups = claims.get(self.groups_claim, [])
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise Unauthenticated("groups_invalid", f"{self.groups_claim} is not a list of strings")

@@ -197,3 +197,10 @@ def test_iter_records_pages(db: Path) -> None:
         assert [r.index for r in iter_records(store, 4, page=1)] == [4]
     finally:
         store.close()
+
+
+def test_a_new_log_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    store = SqliteStore.open(path)
+    store.close()
+    assert path.stat().st_mode & 0o777 == 0o600

@@ -79,7 +79,7 @@ def test_env_errors_name_the_variable(
 
 
 def test_redis_passwords_are_redacted() -> None:
-    assert (
-        redacted("redis://issuer:s3cret@127.0.0.1:7448/0") == "redis://issuer:***@127.0.0.1:7448/0"
-    )
+    assert redacted("redis://issuer:s3cret@127.0.0.1:7448/0") == "redis://issuer@127.0.0.1:7448/0"
     assert redacted("redis://127.0.0.1:6379") == "redis://127.0.0.1:6379"
+    assert "s3cret" not in redacted("redis://h:1/0?password=s3cret")
+    assert "s3cret" not in redacted("rediss://:s3cret@h:1/0")

@@ -35,9 +35,8 @@ def _audit_records(stack: Stack) -> list[audit_pb2.AuditRecord]:
 
 
 def test_every_service_reports_serving(stack: Stack) -> None:
-    assert {name: stack.health(name) for name in ("audit", "verifier", "policy")} == dict.fromkeys(
-        ("audit", "verifier", "policy"), "SERVING"
-    )
+    names = ("audit", "verifier", "policy", "issuer")
+    assert {name: stack.health(name) for name in names} == dict.fromkeys(names, "SERVING")
 
 
 def test_a_grant_from_request_to_revocation(stack: Stack, redis_admin: redis.Redis) -> None:
@@ -102,6 +101,15 @@ def test_a_bad_token_is_unauthenticated_and_audited(
     assert last.event.token_rejected.reason == reason
 
 
+def test_a_token_expired_within_the_leeway_is_told_to_renew(stack: Stack) -> None:
+    # The verifier allows 30 s of clock skew; such a token is not a grant's worth.
+    now = int(time.time())
+    token = mint(stack, exp=now - 10, iat=now - 600)
+    with _agent(stack, token) as agent, pytest.raises(sdk.Denied) as raised:
+        agent.request_grant("orders-replica")
+    assert raised.value.reason == "TOKEN_EXPIRING"
+
+
 def test_a_token_signed_by_another_key_is_unauthenticated(stack: Stack) -> None:
     from jitgate.devstack.demo import _forged_token
 
@@ -128,14 +136,16 @@ def test_the_issuer_certificate_cannot_write_to_audit(stack: Stack) -> None:
         assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-def test_the_verifier_certificate_cannot_ask_policy_for_grants(stack: Stack) -> None:
-    credentials = tls.channel_credentials(stack.pki.files("verifier"))
+@pytest.mark.parametrize("caller", ["verifier", "proxy", "operator"])
+@pytest.mark.parametrize("method", ["Decide", "Revoke"])
+def test_only_the_issuer_may_ask_policy(stack: Stack, caller: str, method: str) -> None:
+    credentials = tls.channel_credentials(stack.pki.files(caller))
     options = [("grpc.ssl_target_name_override", "policy")]
-    with (
-        grpc.secure_channel(stack.address("policy"), credentials, options=options) as channel,
-        pytest.raises(grpc.RpcError) as raised,
-    ):
-        policy_pb2_grpc.PolicyStub(channel).Decide(policy_pb2.DecideRequest(), timeout=5)
+    request = policy_pb2.DecideRequest() if method == "Decide" else policy_pb2.RevokeRequest()
+    with grpc.secure_channel(stack.address("policy"), credentials, options=options) as channel:
+        call = getattr(policy_pb2_grpc.PolicyStub(channel), method)
+        with pytest.raises(grpc.RpcError) as raised:
+            call(request, timeout=5)
     assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 

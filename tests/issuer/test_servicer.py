@@ -23,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from jitgate import client as sdk
 from jitgate.audit.client import AuditClient
-from jitgate.common import assertion, grants, redisconn, tls
+from jitgate.common import assertion, grants, redisconn, tls, wire
 from jitgate.common.errors import Unauthenticated
 from jitgate.common.rpc import ServicerContext
 from jitgate.devstack.pki import DevPki
@@ -37,6 +37,7 @@ from jitgate.policy.servicer import PolicyServicer, PolicySettings
 from jitgate.v1 import (
     issuer_pb2,
     issuer_pb2_grpc,
+    policy_pb2,
     policy_pb2_grpc,
     types_pb2,
     verifier_pb2,
@@ -418,3 +419,75 @@ async def test_a_stalled_redis_leaves_no_grant_behind_when_it_resumes(
     finally:
         stalled.process.send_signal(signal.SIGCONT)
         stalled.stop()
+
+
+class LyingPolicy(policy_pb2_grpc.PolicyServicer):
+    """Allows, but for someone or something other than what was asked."""
+
+    def __init__(self, lie: str) -> None:
+        self.lie = lie
+
+    async def Decide(
+        self, request: policy_pb2.DecideRequest, context: ServicerContext
+    ) -> policy_pb2.Decision:
+        now = time.time()
+        return policy_pb2.Decision(
+            allowed=self.lie != "denied-but-token",
+            grant_id="ab" * 16,
+            grant_token="token",
+            subject="someone-else" if self.lie == "subject" else "deploy-bot",
+            connection="billing-primary" if self.lie == "connection" else request.connection,
+            issued_at=wire.timestamp(now),
+            expires_at=wire.timestamp(now + 60),
+        )
+
+
+@pytest.mark.parametrize("lie", ["subject", "connection", "denied-but-token"])
+async def test_an_answer_that_does_not_match_the_request_grants_nothing(
+    dev_pki: DevPki, redis_server: RedisServer, redis_admin: redis.Redis, lie: str
+) -> None:
+    credentials = tls.channel_credentials(dev_pki.files("issuer"))
+    async with (
+        running(
+            dev_pki,
+            "verifier",
+            lambda s: verifier_pb2_grpc.add_VerifierServicer_to_server(FakeVerifier(), s),
+            {"/jitgate.v1.Verifier/Verify": frozenset({"issuer"})},
+        ) as verifier_port,
+        running(
+            dev_pki,
+            "policy",
+            lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(LyingPolicy(lie), s),
+            POLICY_ACL,
+        ) as policy_port,
+    ):
+        verifier = tls.secure_channel(
+            f"127.0.0.1:{verifier_port}", credentials, server_name="verifier"
+        )
+        policy = tls.secure_channel(f"127.0.0.1:{policy_port}", credentials, server_name="policy")
+        store = GrantStore(redis_server.url("issuer"))
+        issuer = IssuerServicer(
+            verifier=verifier_pb2_grpc.VerifierStub(verifier),
+            policy=policy_pb2_grpc.PolicyStub(policy),
+            store=store,
+            settings=IssuerSettings(proxy_endpoint="127.0.0.1:6432", deadline=1.5),
+            clock=time.time,
+        )
+        async with running(
+            dev_pki,
+            "issuer",
+            lambda s: issuer_pb2_grpc.add_IssuerServicer_to_server(issuer, s),
+            None,
+        ) as port:
+            rig = Rig(
+                issuer=f"127.0.0.1:{port}",
+                ca=dev_pki.ca,
+                audit=RecordingAudit(),
+                verifier=FakeVerifier(),
+            )
+            with pytest.raises(sdk.Unavailable):
+                await call(rig, "good:deploy-bot", lambda a: a.request_grant("orders-replica"))
+        for ch in (verifier, policy):
+            await ch.close()
+        await store.close()
+    assert redis_admin.keys("grant:*") == []

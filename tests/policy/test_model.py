@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ def test_the_bundled_example_parses() -> None:
         ),
         (
             "[connections.x]\nkind='ssh'\n[[bindings]]\ngroup=''\nconnection='x'\nmax_ttl=5",
-            "group: must not be empty",
+            "bindings[0].group: '' is not a group name",
         ),
         (
             "[connections.x]\nkind='ssh'\n"
@@ -98,6 +99,48 @@ def test_errors_name_the_key_path(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as raised:
         model.parse(text)
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("group", [" ", " platform", "platform ", "*", "plat*", "a\tb"])
+def test_group_names_that_mislead_are_refused(group: str) -> None:
+    text = f"[connections.x]\nkind='ssh'\n[[bindings]]\ngroup={json.dumps(group)}\n"
+    text += "connection='x'\nmax_ttl=5"
+    with pytest.raises(ConfigError, match="is not a group name"):
+        model.parse(text)
+
+
+def test_a_group_name_with_inner_spaces_is_fine() -> None:
+    text = "[connections.x]\nkind='ssh'\n[[bindings]]\ngroup='Platform Team'\n"
+    text += "connection='x'\nmax_ttl=5"
+    assert model.parse(text).bindings[0].group == "Platform Team"
+
+
+@pytest.mark.parametrize("ttl", ["'\u0665m'", "'\uff11\uff15m'"])
+def test_durations_take_ascii_digits_only(ttl: str) -> None:
+    text = f"[connections.x]\nkind='ssh'\n[[bindings]]\ngroup='g'\nconnection='x'\nmax_ttl={ttl}"
+    with pytest.raises(ConfigError, match="is not a duration"):
+        model.parse(text)
+
+
+def test_the_version_is_the_sha256_of_the_files_bytes(tmp_path: Path) -> None:
+    import hashlib
+
+    path = tmp_path / "policy.toml"
+    path.write_bytes(GOOD.replace("\n", "\r\n").encode())
+    assert model.load(path).version == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
+    assert "orders-replica" in model.load(path).connections
+
+
+def test_a_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_bytes(b"ttl_ceiling = '\xff'")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        model.load(path)
 
 
 def test_load_reports_a_missing_file(tmp_path: Path) -> None:

@@ -154,21 +154,27 @@ async def test_a_denial_is_recorded_and_carries_its_reason(rig: Rig) -> None:
     assert event.decision.grant_id == ""
 
 
-async def test_audit_refusing_means_unavailable_and_no_grant(rig: Rig) -> None:
+async def test_audit_refusing_means_unavailable_and_no_grant(
+    rig: Rig, redis_admin: redis.Redis
+) -> None:
     rig.audit.mode = "fail"
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await _decide(rig, "orders-replica")
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert not rig.audit.events
+    # Nothing was signed: the ledger, written just before signing, is empty.
+    assert redis_admin.keys("issued:*") == []
 
 
-async def test_a_stalled_audit_means_unavailable_within_the_deadline(rig: Rig) -> None:
+async def test_a_stalled_audit_means_unavailable_within_the_deadline(
+    rig: Rig, redis_admin: redis.Redis
+) -> None:
     rig.audit.mode = "stall"
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await _decide(rig, "orders-replica")
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert time.monotonic() - started < 1.5  # the audit deadline here is 0.5 s
+    assert redis_admin.keys("issued:*") == []
 
 
 @pytest.mark.parametrize(

@@ -405,7 +405,7 @@ def test_a_missing_exp_is_rejected(verifier: AccessTokenVerifier, issuer: idp.Id
 
 
 @pytest.mark.parametrize(
-    "value", ["1800000000", True, None, float("nan"), float("inf"), 1e30, -1, [NOW]]
+    "value", ["1800000000", True, None, float("nan"), float("inf"), 1e30, 10**400, -1, [NOW]]
 )
 def test_a_time_that_is_not_a_sane_number_is_rejected(
     verifier: AccessTokenVerifier, issuer: idp.Idp, value: object
@@ -448,6 +448,13 @@ def test_a_missing_or_empty_subject_is_rejected(
     verifier: AccessTokenVerifier, issuer: idp.Idp, sub: object
 ) -> None:
     _rejects(verifier, issuer.mint(_claims(issuer, sub=sub)), "sub_missing")
+
+
+@pytest.mark.parametrize("sub", ["bot\u202eevil", "bot\x00", "bot\nline", "x" * 257])
+def test_a_subject_that_would_corrupt_logs_is_rejected(
+    verifier: AccessTokenVerifier, issuer: idp.Idp, sub: str
+) -> None:
+    _rejects(verifier, issuer.mint(_claims(issuer, sub=sub)), "sub_invalid")
 
 
 @pytest.mark.parametrize("groups", ["platform", ["platform", 1], {"platform": True}, None])
