@@ -25,7 +25,6 @@ from jitgate.policy.servicer import ACL, PolicyServicer, PolicySettings
 from jitgate.v1 import policy_pb2, policy_pb2_grpc
 from tests.support import AUDIT_ACL, RecordingAudit, channel, running, serve_audit
 
-NOW = time.time()
 VERIFIER_KEY = Ed25519PrivateKey.generate()
 POLICY_KEY = Ed25519PrivateKey.generate()
 POLICY = model.parse(
@@ -51,8 +50,10 @@ class Rig:
 
 
 def _assertion(
-    subject: str = "deploy-bot", *, key: Ed25519PrivateKey = VERIFIER_KEY, now: float = NOW
+    subject: str = "deploy-bot", *, key: Ed25519PrivateKey = VERIFIER_KEY, age: float = 0
 ) -> str:
+    """An assertion as the verifier signs it, made `age` seconds ago."""
+    now = time.time() - age
     identity = Identity(
         subject=subject,
         client_id=subject,
@@ -181,7 +182,7 @@ async def test_a_stalled_audit_means_unavailable_within_the_deadline(
     "bad",
     [
         _assertion(key=Ed25519PrivateKey.generate()),
-        _assertion(now=NOW - 600),
+        _assertion(age=600),
         "not-a-jwt",
         "",
     ],
