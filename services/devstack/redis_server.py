@@ -11,6 +11,8 @@ import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from redis.exceptions import RedisError
@@ -39,6 +41,45 @@ ACL_RULES: Mapping[str, str] = {
         " +hgetall +get +exists +subscribe +unsubscribe"
     ),
 }
+
+
+def username(service: str) -> str:
+    """The Redis ACL user of a jitgate service (prefixed, to share a Redis safely)."""
+    return f"jitgate-{service}"
+
+
+def provision(admin_url: str) -> dict[str, str]:
+    """Create (or reset) one ACL user per service on the Redis at admin_url; return their URLs.
+
+    For a Redis jitgate did not start: admin_url's user needs ACL SETUSER.
+    Raises ConfigError when it cannot, rather than let services share a user.
+    """
+    parts = urlsplit(admin_url)
+    client = redis.Redis.from_url(admin_url, socket_timeout=5.0)
+    # The same rule strings as the ACL file; redis-py's execute_command is untyped.
+    command: Any = client.execute_command
+    urls = {}
+    try:
+        for service, rules in ACL_RULES.items():
+            if service == "admin":
+                continue
+            password = secrets.token_urlsafe(24)
+            command(
+                "ACL", "SETUSER", username(service), "reset", "on", f">{password}", *rules.split()
+            )
+            host = parts.hostname or "127.0.0.1"
+            port = f":{parts.port}" if parts.port else ""
+            urls[service] = (
+                f"{parts.scheme}://{username(service)}:{password}@{host}{port}{parts.path}"
+            )
+    except RedisError as exc:
+        raise ConfigError(
+            f"cannot create jitgate's Redis users with REDIS_URL ({exc}); give a URL whose user "
+            "may run ACL SETUSER, so that each service gets only the keys it needs"
+        ) from exc
+    finally:
+        client.close()
+    return urls
 
 
 def find_binary() -> Path:
@@ -97,12 +138,14 @@ class RedisServer:
 
     def url(self, user: str) -> str:
         """The redis:// URL for one ACL user."""
-        return f"redis://{user}:{self.passwords[user]}@127.0.0.1:{self.port}/0"
+        return f"redis://{username(user)}:{self.passwords[user]}@127.0.0.1:{self.port}/0"
 
     def _write_acl(self) -> Path:
         path = self.workdir / "users.acl"
         lines = ["user default off resetchannels -@all"]
-        lines += [f"user {u} on >{self.passwords[u]} {rules}" for u, rules in ACL_RULES.items()]
+        lines += [
+            f"user {username(u)} on >{self.passwords[u]} {rules}" for u, rules in ACL_RULES.items()
+        ]
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write("\n".join(lines) + "\n")

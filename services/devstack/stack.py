@@ -18,7 +18,7 @@ from jitgate.client import oauth
 from jitgate.common import keys, tls
 from jitgate.common.errors import ConfigError
 from jitgate.devstack import children, idp, pki
-from jitgate.devstack.redis_server import RedisServer, free_port
+from jitgate.devstack.redis_server import RedisServer, free_port, provision
 
 SERVICES = ("audit", "verifier", "policy", "issuer")
 """In start order: each one's dependencies start before it."""
@@ -52,6 +52,7 @@ class Stack:
         self.pki = pki.DevPki(self.state / "pki")
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.redis: RedisServer | None = None
+        self.redis_users: dict[str, str] = {}
 
     # Paths and addresses -------------------------------------------------
 
@@ -85,9 +86,9 @@ class Stack:
         return f"https://127.0.0.1:{self.ports['idp']}/oauth2/default"
 
     def redis_url(self, user: str) -> str:
-        """The Redis URL a service connects with."""
+        """The Redis URL a service (or "admin") connects with."""
         if self.external_redis is not None:
-            return self.external_redis
+            return self.external_redis if user == "admin" else self.redis_users[user]
         assert self.redis is not None, "redis is not started"
         return self.redis.url(user)
 
@@ -166,6 +167,8 @@ class Stack:
             if self.external_redis is None:
                 self.redis = RedisServer(workdir=self.state / "redis", port=self.ports["redis"])
                 self.redis.start()
+            else:
+                self.redis_users = provision(self.external_redis)
             files = self.pki.files("idp")
             self._spawn(
                 "idp",

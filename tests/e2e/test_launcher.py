@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
+
+from jitgate.devstack.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -74,6 +77,25 @@ def test_demo_walks_the_whole_path_and_leaves_nothing_running(tmp_path: Path) ->
     ):
         assert expected in out, out
     assert _processes_mentioning(str(tmp_path)) == []
+
+
+def test_demo_on_a_given_redis(tmp_path: Path) -> None:
+    given = RedisServer(workdir=tmp_path / "redis", port=free_port())
+    given.start()
+    try:
+        env = {**os.environ, "TMPDIR": str(tmp_path), "REDIS_URL": given.url("admin")}
+        done = subprocess.run(
+            [sys.executable, "-m", "jitgate", "demo"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        users = redis.Redis.from_url(given.url("admin")).acl_users()
+        assert {"jitgate-issuer", "jitgate-policy", "jitgate-proxy"} <= set(users)
+    finally:
+        given.stop()
 
 
 def test_up_serves_until_sigterm_then_stops_everything(tmp_path: Path) -> None:
