@@ -5,6 +5,10 @@ exec in a threaded parent can deadlock on a lock another thread held at the
 fork (seen here as a launcher hung forever in Popen). Instead a jitgate child
 arms PR_SET_PDEATHSIG itself as it starts (follow_parent), and redis-server is
 started through util-linux's setpriv --pdeathsig where that exists.
+
+PR_SET_PDEATHSIG fires when the thread that spawned the child exits, not only
+the process: spawn from the thread that lives as long as the stack (the main
+thread, as `up`, `demo` and the tests do).
 """
 
 from __future__ import annotations

@@ -81,6 +81,14 @@ def test_assertions_last_a_minute_at_most_and_carry_the_tokens_expiry() -> None:
     assert expires == NOW + assertion.MAX_LIFETIME
 
 
+def test_an_assertion_claiming_a_longer_life_is_refused() -> None:
+    signer = assertion.signer(KEY, "jitgate")
+    claims = _claims(aud="spiffe://jitgate/policy", exp=int(NOW) + 61, cid="c", groups=[], tex=0)
+    with pytest.raises(Unauthenticated) as raised:
+        assertion.checker([KEY.public_key()], "jitgate").check(signer.sign(claims), NOW)
+    assert raised.value.check == "lifetime"
+
+
 def test_a_grant_token_is_not_an_identity_assertion() -> None:
     from jitgate.common import grants
 

@@ -138,6 +138,7 @@ async def test_allow_records_the_decision_then_signs_a_one_connection_grant(rig:
     assert record.request_reason == "slow queries"
     assert record.policy_version == POLICY.version
     assert record.binding.group == "platform"
+    assert record.expires_at == decision.expires_at
 
 
 async def test_a_denial_is_recorded_and_carries_its_reason(rig: Rig) -> None:
