@@ -24,14 +24,12 @@ from jitgate.client import (
 )
 from jitgate.common.errors import ConfigError
 
-EXIT_OK, EXIT_USAGE, EXIT_DENIED, EXIT_UNAUTHENTICATED, EXIT_UNAVAILABLE, EXIT_NOT_FOUND = (
-    0,
-    2,
-    3,
-    4,
-    5,
-    6,
-)
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_DENIED = 3
+EXIT_UNAUTHENTICATED = 4
+EXIT_UNAVAILABLE = 5
+EXIT_NOT_FOUND = 6
 
 
 def register(verbs: Any) -> None:

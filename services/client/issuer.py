@@ -11,10 +11,10 @@ from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from jitgate import __version__
+from jitgate.common import errors, wire
+from jitgate.common.status import from_rpc_error
 from jitgate.v1 import issuer_pb2, issuer_pb2_grpc
 
 TokenSource = Callable[[], str]
@@ -84,7 +84,7 @@ class Grant:
 
 
 def _time(stamp: Timestamp) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(stamp.ToNanoseconds() / 1e9, tz=datetime.UTC)
+    return datetime.datetime.fromtimestamp(wire.seconds(stamp), tz=datetime.UTC)
 
 
 def _grant(message: issuer_pb2.Grant) -> Grant:
@@ -101,29 +101,19 @@ def _grant(message: issuer_pb2.Grant) -> Grant:
 
 
 def _error(exc: grpc.RpcError) -> GrantError:
+    """The SDK's error for a failed call; status details are read by jitgate.common.status."""
     call: Any = exc
     code, text = call.code(), call.details() or ""
-    status = rpc_status.from_call(call)
-    info, retry, bad = (
-        error_details_pb2.ErrorInfo(),
-        error_details_pb2.RetryInfo(),
-        error_details_pb2.BadRequest(),
-    )
-    reason, retry_after, bad_field = "", None, ""
-    for detail in status.details if status is not None else ():
-        if detail.Unpack(info):
-            reason = info.reason
-        elif detail.Unpack(retry):
-            retry_after = retry.retry_delay.ToNanoseconds() / 1e9
-        elif detail.Unpack(bad) and bad.field_violations:
-            bad_field = bad.field_violations[0].field
+    error = from_rpc_error(exc, "issuer")
+    if isinstance(error, errors.PermissionDenied):
+        return Denied(error.reason, text, error.retry_after)
     if code == grpc.StatusCode.PERMISSION_DENIED:
-        return Denied(reason or "DENIED", text, retry_after)
-    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Denied("DENIED", text, None)
+    if isinstance(error, errors.Unauthenticated):
         return Unauthenticated(text)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidRequest(bad_field, text)
-    if code == grpc.StatusCode.NOT_FOUND:
+    if isinstance(error, errors.InvalidArgument):
+        return InvalidRequest(error.field, text)
+    if isinstance(error, errors.NotFound):
         return NotFound(text)
     return Unavailable(f"{code.name}: {text}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -197,8 +198,6 @@ class Stack:
 
     def wait_idp(self, *, timeout: float) -> None:
         """Wait until the dev IdP serves its discovery document."""
-        import ssl
-
         context = ssl.create_default_context(cafile=str(self.pki.ca))
         url = f"{self.oidc_issuer}/.well-known/openid-configuration"
         deadline = time.monotonic() + timeout

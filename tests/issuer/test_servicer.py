@@ -136,7 +136,6 @@ async def open_rig(
 ) -> AsyncIterator[Rig]:
     """The issuer with a real policy service; issuer_redis overrides the issuer's Redis."""
     audit, fake_verifier = RecordingAudit(), FakeVerifier()
-    credentials = tls.channel_credentials(dev_pki.files("issuer"))
     async with (
         running(dev_pki, "audit", serve_audit(audit), AUDIT_ACL) as audit_port,
         running(
@@ -160,41 +159,46 @@ async def open_rig(
             settings=PolicySettings(grant_audience="spiffe://jitgate/proxy", audit_deadline=0.5),
             clock=time.time,
         )
-        async with running(
-            dev_pki,
-            "policy",
-            lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(policy_servicer, s),
-            POLICY_ACL,
-        ) as policy_port:
-            verifier_channel = tls.secure_channel(
-                f"127.0.0.1:{verifier_port}", credentials, server_name="verifier"
-            )
-            policy_channel = tls.secure_channel(
-                f"127.0.0.1:{policy_port}", credentials, server_name="policy"
-            )
-            store = GrantStore(issuer_redis or redis_server.url("issuer"))
-            issuer = IssuerServicer(
-                verifier=verifier_pb2_grpc.VerifierStub(verifier_channel),
-                policy=policy_pb2_grpc.PolicyStub(policy_channel),
-                store=store,
-                settings=IssuerSettings(proxy_endpoint="127.0.0.1:6432", deadline=1.5),
-                clock=time.time,
-            )
-            async with running(
+        async with (
+            running(
                 dev_pki,
-                "issuer",
-                lambda s: issuer_pb2_grpc.add_IssuerServicer_to_server(issuer, s),
-                None,
-            ) as issuer_port:
-                yield Rig(
-                    issuer=f"127.0.0.1:{issuer_port}",
-                    ca=dev_pki.ca,
-                    audit=audit,
-                    verifier=fake_verifier,
-                )
-            for ch in (verifier_channel, policy_channel, audit_channel):
-                await ch.close()
-            await store.close()
+                "policy",
+                lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(policy_servicer, s),
+                POLICY_ACL,
+            ) as policy_port,
+            serve_issuer(
+                dev_pki, verifier_port, policy_port, issuer_redis or redis_server.url("issuer")
+            ) as address,
+        ):
+            yield Rig(issuer=address, ca=dev_pki.ca, audit=audit, verifier=fake_verifier)
+        await audit_channel.close()
+
+
+@asynccontextmanager
+async def serve_issuer(
+    dev_pki: DevPki, verifier_port: int, policy_port: int, redis_url: str
+) -> AsyncIterator[str]:
+    """The real issuer in front of whatever verifier and policy listen on those ports."""
+    credentials = tls.channel_credentials(dev_pki.files("issuer"))
+    verifier = tls.secure_channel(f"127.0.0.1:{verifier_port}", credentials, server_name="verifier")
+    policy = tls.secure_channel(f"127.0.0.1:{policy_port}", credentials, server_name="policy")
+    store = GrantStore(redis_url)
+    issuer = IssuerServicer(
+        verifier=verifier_pb2_grpc.VerifierStub(verifier),
+        policy=policy_pb2_grpc.PolicyStub(policy),
+        store=store,
+        settings=IssuerSettings(proxy_endpoint="127.0.0.1:6432", deadline=1.5),
+        clock=time.time,
+    )
+
+    def register(server: grpc.aio.Server) -> None:
+        issuer_pb2_grpc.add_IssuerServicer_to_server(issuer, server)
+
+    async with running(dev_pki, "issuer", register, None) as port:
+        yield f"127.0.0.1:{port}"
+    for ch in (verifier, policy):
+        await ch.close()
+    await store.close()
 
 
 @pytest.fixture
@@ -446,7 +450,6 @@ class LyingPolicy(policy_pb2_grpc.PolicyServicer):
 async def test_an_answer_that_does_not_match_the_request_grants_nothing(
     dev_pki: DevPki, redis_server: RedisServer, redis_admin: redis.Redis, lie: str
 ) -> None:
-    credentials = tls.channel_credentials(dev_pki.files("issuer"))
     async with (
         running(
             dev_pki,
@@ -460,34 +463,9 @@ async def test_an_answer_that_does_not_match_the_request_grants_nothing(
             lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(LyingPolicy(lie), s),
             POLICY_ACL,
         ) as policy_port,
+        serve_issuer(dev_pki, verifier_port, policy_port, redis_server.url("issuer")) as address,
     ):
-        verifier = tls.secure_channel(
-            f"127.0.0.1:{verifier_port}", credentials, server_name="verifier"
-        )
-        policy = tls.secure_channel(f"127.0.0.1:{policy_port}", credentials, server_name="policy")
-        store = GrantStore(redis_server.url("issuer"))
-        issuer = IssuerServicer(
-            verifier=verifier_pb2_grpc.VerifierStub(verifier),
-            policy=policy_pb2_grpc.PolicyStub(policy),
-            store=store,
-            settings=IssuerSettings(proxy_endpoint="127.0.0.1:6432", deadline=1.5),
-            clock=time.time,
-        )
-        async with running(
-            dev_pki,
-            "issuer",
-            lambda s: issuer_pb2_grpc.add_IssuerServicer_to_server(issuer, s),
-            None,
-        ) as port:
-            rig = Rig(
-                issuer=f"127.0.0.1:{port}",
-                ca=dev_pki.ca,
-                audit=RecordingAudit(),
-                verifier=FakeVerifier(),
-            )
-            with pytest.raises(sdk.Unavailable):
-                await call(rig, "good:deploy-bot", lambda a: a.request_grant("orders-replica"))
-        for ch in (verifier, policy):
-            await ch.close()
-        await store.close()
+        rig = Rig(issuer=address, ca=dev_pki.ca, audit=RecordingAudit(), verifier=FakeVerifier())
+        with pytest.raises(sdk.Unavailable):
+            await call(rig, "good:deploy-bot", lambda a: a.request_grant("orders-replica"))
     assert redis_admin.keys("grant:*") == []
