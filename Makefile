@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck unit protos up clean
+.PHONY: demo test check lint typecheck unit protos up bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest
+
+# Latency of the grant path next to a one-hop floor; results go in bench/RESULTS.md.
+bench: $(STAMP)
+	$(BIN)/python bench/grant_path.py
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
