@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from jitgate.common.errors import Unauthenticated
 from jitgate.common.identity import spiffe_id
 from jitgate.common.jws import Checker, Signer
+from jitgate.common.keys import key_id
 
 TYP = "jitgate-identity+jwt"
 MAX_LIFETIME = 60.0
@@ -99,10 +100,19 @@ def identity_from(claims: Mapping[str, Any]) -> Identity:
     )
 
 
-def checker(keys: list[Ed25519PublicKey], trust_domain: str, *, leeway: float = 5.0) -> Checker:
-    """Return the Checker the policy service uses for assertions from these verifier keys."""
-    return Checker.for_keys(
-        keys,
+def checker(
+    keys: list[Ed25519PublicKey] | Mapping[str, Ed25519PublicKey],
+    trust_domain: str,
+    *,
+    leeway: float = 5.0,
+) -> Checker:
+    """Return the Checker the policy service uses for assertions from these verifier keys.
+
+    keys is a list, or a mapping by RFC 7638 thumbprint that may change while
+    running (keyfiles.PublicKeyFiles), so the verifier's key can rotate.
+    """
+    return Checker(
+        keys=keys if isinstance(keys, Mapping) else {key_id(key): key for key in keys},
         issuer=issuer_id(trust_domain),
         audience=audience_id(trust_domain),
         typ=TYP,

@@ -44,7 +44,11 @@ class Signer:
 
 @dataclass(frozen=True, kw_only=True)
 class Checker:
-    """Accepts one kind of token, signed by one of a few known keys."""
+    """Accepts one kind of token, signed by one of a few known keys.
+
+    `keys` is consulted for each token, so a mapping that follows its files
+    (keyfiles.PublicKeyFiles) lets the trusted keys change while running.
+    """
 
     keys: Mapping[str, Ed25519PublicKey]
     issuer: str

@@ -6,8 +6,10 @@ import base64
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -33,24 +35,47 @@ def load_private(path: Path) -> Ed25519PrivateKey:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except OSError as exc:
         raise ConfigError(f"cannot read signing key {path}: {exc.strerror}") from exc
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"{path} is not a PEM private key") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{path} is not an Ed25519 key")
     return key
 
 
-def load_public(path: Path) -> Ed25519PublicKey:
-    """Load a SubjectPublicKeyInfo PEM Ed25519 public key."""
+# RFC 7468, section 2: each block is labelled, and text between blocks (a note
+# naming the key, say) is allowed and ignored.
+_BEGIN = re.compile(rb"-----BEGIN ([^-\r\n]*)-----")
+_PUBLIC_BLOCK = re.compile(rb"-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----", re.DOTALL)
+
+
+def load_public_keys(path: Path) -> tuple[Ed25519PublicKey, ...]:
+    """Load one or more concatenated SubjectPublicKeyInfo PEM Ed25519 public keys.
+
+    Any other kind of block is refused rather than skipped, so a private key
+    pasted into a list of public ones is noticed, not silently published.
+    """
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
+        data = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read public key {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise ConfigError(f"{path} is not a PEM public key") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(f"{path} is not an Ed25519 public key")
-    return key
+        raise ConfigError(f"cannot read public keys {path}: {exc.strerror}") from exc
+    labels = _BEGIN.findall(data)
+    blocks = _PUBLIC_BLOCK.findall(data)
+    if not labels:
+        raise ConfigError(f"{path} holds no PEM public key")
+    if any(label != b"PUBLIC KEY" for label in labels):
+        raise ConfigError(f"{path} holds a PEM block that is not a public key")
+    if len(blocks) != len(labels):
+        raise ConfigError(f"{path} has an unterminated PEM block")
+    found = []
+    for number, block in enumerate(blocks, start=1):
+        try:
+            key = serialization.load_pem_public_key(block)
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise ConfigError(f"{path}: key {number} is not a PEM public key") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise ConfigError(f"{path}: key {number} is not an Ed25519 public key")
+        found.append(key)
+    return tuple(found)
 
 
 def write_private(path: Path, key: Ed25519PrivateKey) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from jitgate.audit.client import AuditClient
-from jitgate.common import assertion, grants, keys, redisconn, tls
+from jitgate.common import assertion, grants, keyfiles, keys, redisconn, tls
 from jitgate.common.clock import system_clock
 from jitgate.common.config import Env
 from jitgate.common.identity import DEFAULT_TRUST_DOMAIN, spiffe_id
@@ -29,8 +29,10 @@ async def serve(env: Env) -> None:
         len(policy.connections),
         len(policy.bindings),
     )
-    # More than one key lets the verifier's key rotate without a gap.
-    verifier_keys = [keys.load_public(p) for p in env.paths("JITGATE_VERIFIER_PUBLIC_KEYS")]
+    # Several keys let the verifier's key rotate without a gap; the files are
+    # re-read when they change, so adding or removing one needs no restart
+    # (docs/key-rotation.md).
+    verifier_keys = keyfiles.PublicKeyFiles(env.paths("JITGATE_VERIFIER_PUBLIC_KEYS"))
     signer = grants.token_signer(
         keys.load_private(env.path("JITGATE_POLICY_SIGNING_KEY")), trust_domain
     )

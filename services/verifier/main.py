@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jitgate.audit.client import AuditClient
-from jitgate.common import assertion, keys, tls
+from jitgate.common import assertion, keyfiles, keys, tls
 from jitgate.common.clock import Clock, system_clock
 from jitgate.common.config import Env
 from jitgate.common.errors import ConfigError
@@ -80,7 +80,13 @@ def create(env: Env, *, clock: Clock = system_clock) -> tuple[Service, JwksCache
     audit_addr = env.address("JITGATE_AUDIT_ADDR")
     audit_deadline = env.seconds("JITGATE_AUDIT_DEADLINE", 1.0, low=0.05, high=30.0)
     assertion_ttl = env.seconds("JITGATE_ASSERTION_TTL", 30.0, low=1.0, high=assertion.MAX_LIFETIME)
-    signing_key = keys.load_private(env.path("JITGATE_VERIFIER_SIGNING_KEY"))
+    # Re-read when the file changes: a key renamed over it signs from then on,
+    # with no restart (docs/key-rotation.md).
+    signer = keyfiles.WatchedFile(
+        env.path("JITGATE_VERIFIER_SIGNING_KEY"),
+        lambda path: assertion.signer(keys.load_private(path), trust_domain),
+        describe=lambda current: f"kid {current.kid}",
+    )
     server_credentials = tls.server_credentials(files, require_client_auth=True)
     channel_credentials = tls.channel_credentials(files)
 
@@ -102,7 +108,7 @@ def create(env: Env, *, clock: Clock = system_clock) -> tuple[Service, JwksCache
     audit = AuditClient(tls.secure_channel(audit_addr, channel_credentials, server_name="audit"))
     servicer = VerifierServicer(
         tokens=tokens,
-        signer=assertion.signer(signing_key, trust_domain),
+        signer=signer.get,
         audit=audit,
         trust_domain=trust_domain,
         assertion_ttl=assertion_ttl,

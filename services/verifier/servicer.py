@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from jitgate.audit.client import AuditClient
 from jitgate.common import assertion, wire
@@ -28,7 +29,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         self,
         *,
         tokens: AccessTokenVerifier,
-        signer: Signer,
+        signer: Signer | Callable[[], Signer],
         audit: AuditClient,
         trust_domain: str,
         assertion_ttl: float,
@@ -53,8 +54,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         except Unauthenticated as exc:
             await self._record_rejection(request, exc)
             raise
+        # A callable signer follows its key file, so each assertion is signed
+        # by the key in force now (keyfiles.WatchedFile).
+        signer = self._signer if isinstance(self._signer, Signer) else self._signer()
         signed, expires = assertion.sign(
-            self._signer,
+            signer,
             identity,
             trust_domain=self._trust_domain,
             now=now,
