@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from jitgate.audit.client import AuditClient
@@ -16,9 +16,14 @@ from jitgate.common.errors import ConfigError
 from jitgate.common.identity import DEFAULT_TRUST_DOMAIN
 from jitgate.common.server import Service
 from jitgate.v1 import verifier_pb2_grpc
-from jitgate.verifier.oidc import HttpsGetter, JwksCache, https_url
+from jitgate.verifier.oidc import CachePolicy, HttpsGetter, JwksCache, https_url
 from jitgate.verifier.servicer import ACL, SERVICE_NAME, VerifierServicer
-from jitgate.verifier.tokens import MAX_LEEWAY, AccessTokenVerifier, allowed_algorithms
+from jitgate.verifier.tokens import (
+    DEFAULT_MAX_LIFETIME,
+    MAX_LEEWAY,
+    AccessTokenVerifier,
+    allowed_algorithms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,46 +33,73 @@ DEFAULT_AUDIENCE = "api://default"
 
 @dataclass(frozen=True, kw_only=True)
 class OidcSettings:
-    """How the verifier trusts its OIDC issuer, parsed once at start-up."""
+    """How the verifier trusts its OIDC issuers, parsed once at start-up."""
 
-    issuer: str
+    issuers: tuple[str, ...]
     audience: str = DEFAULT_AUDIENCE
     groups_claim: str = "groups"
     algorithms: frozenset[str] = frozenset({"RS256"})
     leeway: float = 30.0
+    max_token_lifetime: float = DEFAULT_MAX_LIFETIME
     ca_bundle: Path | None = None
     http_timeout: float = 5.0
-    jwks_refresh: float = 300.0
-    jwks_cooldown: float = 30.0
+    cache: CachePolicy = field(default_factory=CachePolicy)
 
     @classmethod
     def from_env(cls, env: Env) -> OidcSettings:
         """Return the settings in JITGATE_OIDC_*, or raise ConfigError naming the bad one."""
-        issuer = env.string("JITGATE_OIDC_ISSUER")
-        # The issuer URL carries all the trust in the keys: plain HTTP would let
-        # anyone on the path serve their own JWKS.
-        https_url(issuer, "JITGATE_OIDC_ISSUER")
+        issuers = env.names("JITGATE_OIDC_ISSUER", ())
+        if not issuers:
+            raise ConfigError("JITGATE_OIDC_ISSUER is required: one or more issuer URLs")
+        for issuer in issuers:
+            # The issuer URL carries all the trust in the keys: plain HTTP would
+            # let anyone on the path serve their own JWKS.
+            https_url(issuer, "JITGATE_OIDC_ISSUER")
         names = env.names("JITGATE_OIDC_ALGORITHMS", ("RS256",))
         try:
             algorithms = allowed_algorithms(names)
         except ValueError as exc:
             raise ConfigError(f"JITGATE_OIDC_ALGORITHMS: {exc}") from exc
         ca_bundle = env.optional("JITGATE_OIDC_CA_BUNDLE")
+        default = env.seconds("JITGATE_OIDC_JWKS_REFRESH", 300.0, low=10.0, high=86400.0)
+        try:
+            cache = CachePolicy(
+                default=default,
+                floor=env.seconds(
+                    "JITGATE_OIDC_JWKS_MIN_AGE", min(60.0, default), low=10.0, high=86400.0
+                ),
+                ceiling=env.seconds(
+                    "JITGATE_OIDC_JWKS_MAX_AGE", max(3600.0, default), low=10.0, high=86400.0
+                ),
+                max_stale=env.seconds(
+                    "JITGATE_OIDC_JWKS_MAX_STALE", 7200.0, low=10.0, high=7 * 86400.0
+                ),
+                unknown_kid_cooldown=env.seconds(
+                    "JITGATE_OIDC_JWKS_COOLDOWN", 30.0, low=1.0, high=3600.0
+                ),
+            )
+        except ConfigError as exc:
+            raise ConfigError(
+                "JITGATE_OIDC_JWKS_MIN_AGE <= JITGATE_OIDC_JWKS_REFRESH"
+                " <= JITGATE_OIDC_JWKS_MAX_AGE <= JITGATE_OIDC_JWKS_MAX_STALE must hold"
+            ) from exc
         return cls(
-            issuer=issuer,
+            issuers=issuers,
             audience=env.string("JITGATE_OIDC_AUDIENCE", DEFAULT_AUDIENCE),
             groups_claim=env.string("JITGATE_OIDC_GROUPS_CLAIM", "groups"),
             algorithms=algorithms,
             leeway=env.seconds("JITGATE_OIDC_LEEWAY", 30.0, low=0.0, high=MAX_LEEWAY),
+            max_token_lifetime=env.seconds(
+                "JITGATE_OIDC_MAX_TOKEN_LIFETIME", DEFAULT_MAX_LIFETIME, low=60.0, high=7 * 86400.0
+            ),
             ca_bundle=Path(ca_bundle).expanduser() if ca_bundle else None,
             http_timeout=env.seconds("JITGATE_OIDC_HTTP_TIMEOUT", 5.0, low=0.1, high=30.0),
-            jwks_refresh=env.seconds("JITGATE_OIDC_JWKS_REFRESH", 300.0, low=10.0, high=86400.0),
-            jwks_cooldown=env.seconds("JITGATE_OIDC_JWKS_COOLDOWN", 30.0, low=1.0, high=3600.0),
+            cache=cache,
         )
 
 
-def create(env: Env, *, clock: Clock = system_clock) -> tuple[Service, JwksCache]:
-    """Return the verifier service wired from env, and the key cache to keep refreshed.
+def create(env: Env, *, clock: Clock = system_clock) -> tuple[Service, list[JwksCache]]:
+    """Return the verifier service wired from env, and the key caches to keep refreshed.
 
     Every setting is read and checked before anything is built, so a bad one
     fails start-up with its name and nothing half-made. Call it in the event
@@ -90,20 +122,18 @@ def create(env: Env, *, clock: Clock = system_clock) -> tuple[Service, JwksCache
     server_credentials = tls.server_credentials(files, require_client_auth=True)
     channel_credentials = tls.channel_credentials(files)
 
-    cache = JwksCache(
-        issuer=oidc.issuer,
-        getter=HttpsGetter(ca_bundle=oidc.ca_bundle, timeout=oidc.http_timeout),
-        clock=clock,
-        refresh_interval=oidc.jwks_refresh,
-        unknown_kid_cooldown=oidc.jwks_cooldown,
-    )
+    getter = HttpsGetter(ca_bundle=oidc.ca_bundle, timeout=oidc.http_timeout)
+    caches = [
+        JwksCache(issuer=issuer, getter=getter, clock=clock, policy=oidc.cache)
+        for issuer in oidc.issuers
+    ]
     tokens = AccessTokenVerifier(
-        issuer=oidc.issuer,
+        issuers={cache.issuer: cache for cache in caches},
         audience=oidc.audience,
-        keys=cache,
         groups_claim=oidc.groups_claim,
         algorithms=oidc.algorithms,
         leeway=oidc.leeway,
+        max_lifetime=oidc.max_token_lifetime,
     )
     audit = AuditClient(tls.secure_channel(audit_addr, channel_credentials, server_name="audit"))
     servicer = VerifierServicer(
@@ -116,8 +146,8 @@ def create(env: Env, *, clock: Clock = system_clock) -> tuple[Service, JwksCache
         clock=clock,
     )
     log.info(
-        "OIDC issuer %s, audience %s, groups claim %s, algorithms %s",
-        oidc.issuer,
+        "OIDC issuers %s, audience %s, groups claim %s, algorithms %s",
+        ", ".join(oidc.issuers),
         oidc.audience,
         oidc.groups_claim,
         ",".join(sorted(oidc.algorithms)),
@@ -132,18 +162,22 @@ def create(env: Env, *, clock: Clock = system_clock) -> tuple[Service, JwksCache
         cleanup=[audit.close],
         trust_domain=trust_domain,
     )
-    return service, cache
+    return service, caches
 
 
 async def serve(env: Env) -> None:
     """Serve until signalled; keys load in the background, so an IdP outage delays nothing."""
-    service, cache = create(env)
+    service, caches = create(env)
     # Until the first fetch succeeds, Verify answers UNAVAILABLE (fail closed)
     # while health reports SERVING: the process is fine, its IdP is not.
-    refresher = asyncio.create_task(cache.run(), name="jwks-refresh")
+    refreshers = [
+        asyncio.create_task(cache.run(), name=f"jwks-refresh {cache.issuer}") for cache in caches
+    ]
     try:
         await service.run_until_signalled()
     finally:
-        refresher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await refresher
+        for refresher in refreshers:
+            refresher.cancel()
+        for refresher in refreshers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher

@@ -23,12 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from jitgate.common.clock import Clock, system_clock
 from jitgate.common.errors import ConfigError, Unavailable
 from jitgate.common.validate import printable
-from jitgate.verifier.tokens import ALGORITHMS, VerificationKey
+from jitgate.verifier.tokens import (
+    ALGORITHMS,
+    MAX_KID_CHARS,
+    PublicKey,
+    VerificationKey,
+    fits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,11 @@ MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 8192
 """Larger moduli only cost CPU per verification; no issuer uses them."""
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+_CURVES: dict[str, tuple[ec.EllipticCurve, int]] = {
+    "P-256": (ec.SECP256R1(), 32),
+    "P-384": (ec.SECP384R1(), 48),
+    "P-521": (ec.SECP521R1(), 66),
+}
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
@@ -57,6 +69,37 @@ def https_url(url: str, what: str) -> urllib.parse.SplitResult:
     if port == 0:
         raise ConfigError(message)  # a port urlsplit accepts but nothing can listen on
     return parts
+
+
+_MAX_AGE = re.compile(r"\s*max-age\s*=\s*\"?(\d{1,10})\"?\s*", re.IGNORECASE)
+
+
+def cache_max_age(headers: list[str]) -> float | None:
+    """Return the max-age the Cache-Control headers allow, 0 for no caching, None if unsaid.
+
+    RFC 9111, section 5.2.2: no-store and no-cache mean "fetch again"; the
+    caller clamps whatever this returns between its own floor and ceiling.
+    """
+    ages: list[float] = []
+    for header in headers:
+        for directive in header.split(","):
+            name = directive.strip().lower()
+            if name in ("no-store", "no-cache"):
+                return 0.0
+            matched = _MAX_AGE.fullmatch(directive)
+            if matched:
+                ages.append(float(matched.group(1)))
+    # A duplicated directive is invalid (RFC 9111, section 4.2.1): take the
+    # most conservative reading rather than the first.
+    return min(ages) if ages else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fetched:
+    """A JSON document and the lifetime its response allowed, if it said one."""
+
+    document: dict[str, Any]
+    max_age: float | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +122,10 @@ class HttpsGetter:
 
     def get_json(self, url: str) -> dict[str, Any]:
         """Return the JSON object at url, or raise Unavailable saying why not. Blocking."""
+        return self.fetch(url).document
+
+    def fetch(self, url: str) -> Fetched:
+        """Return the JSON object at url and how long it may be cached. Blocking."""
         try:
             parts = https_url(url, "URL")
         except ConfigError as exc:
@@ -96,6 +143,7 @@ class HttpsGetter:
             if response.status != 200:
                 raise Unavailable("oidc", f"GET {url} answered {response.status}")
             body = self._read(response, deadline, url)
+            max_age = cache_max_age(response.headers.get_all("Cache-Control") or [])
         except (OSError, http.client.HTTPException, ValueError) as exc:
             raise Unavailable("oidc", f"GET {url}: {type(exc).__name__}: {exc}") from exc
         finally:
@@ -106,7 +154,7 @@ class HttpsGetter:
             raise Unavailable("oidc", f"GET {url}: not JSON") from exc
         if not isinstance(document, dict):
             raise Unavailable("oidc", f"GET {url}: not a JSON object")
-        return document
+        return Fetched(document=document, max_age=max_age)
 
     def _read(self, response: http.client.HTTPResponse, deadline: float, url: str) -> bytes:
         body = b""
@@ -154,36 +202,59 @@ def discover(issuer: str, getter: HttpsGetter) -> ProviderMetadata:
     return ProviderMetadata(issuer=issuer, jwks_uri=jwks_uri)
 
 
-def _uint(value: Any) -> int:
+def _bytes(value: Any, size: int | None = None) -> bytes:
     if not isinstance(value, str) or not _BASE64URL.fullmatch(value) or len(value) % 4 == 1:
         raise ValueError("not unpadded base64url")
     data = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-    return int.from_bytes(data, "big")
+    if size is not None and len(data) != size:
+        raise ValueError(f"{len(data)} bytes where {size} belong")
+    return data
 
 
-def _rsa_key(jwk: Mapping[str, Any]) -> VerificationKey:
+def _public_key(jwk: Mapping[str, Any]) -> PublicKey:
+    """Return the public key a JWK describes (RFC 7518, section 6; RFC 8037, section 2)."""
+    kty = jwk.get("kty")
+    if kty == "RSA":
+        n = int.from_bytes(_bytes(jwk.get("n")), "big")
+        e = int.from_bytes(_bytes(jwk.get("e")), "big")
+        if not MIN_RSA_BITS <= n.bit_length() <= MAX_RSA_BITS:
+            raise ValueError(
+                f"RSA key of {n.bit_length()} bits; use {MIN_RSA_BITS} to {MAX_RSA_BITS}"
+            )
+        return rsa.RSAPublicNumbers(e, n).public_key()
+    if kty == "EC":
+        crv = jwk.get("crv")
+        if crv not in _CURVES:
+            raise ValueError(f"crv {repr(crv)[:20]} is not a supported curve")
+        curve, size = _CURVES[crv]
+        x, y = (int.from_bytes(_bytes(jwk.get(c), size), "big") for c in ("x", "y"))
+        # Raises ValueError for a point off the curve (the invalid-curve attack).
+        return ec.EllipticCurvePublicNumbers(x, y, curve).public_key()
+    if kty == "OKP":
+        if jwk.get("crv") != "Ed25519":
+            raise ValueError(f"crv {repr(jwk.get('crv'))[:20]} is not Ed25519")
+        return Ed25519PublicKey.from_public_bytes(_bytes(jwk.get("x"), 32))
+    raise ValueError(f"kty {repr(kty)[:20]} is not an asymmetric key type")
+
+
+def _verification_key(jwk: Mapping[str, Any]) -> VerificationKey:
     """Return jwk as a verification key, or raise ValueError saying why it is unusable."""
     kid = jwk.get("kid")
-    if not isinstance(kid, str) or not kid or len(kid) > 256:
+    if not isinstance(kid, str) or not kid or len(kid) > MAX_KID_CHARS or not kid.isprintable():
         raise ValueError("no usable kid")
     if _PRIVATE_MEMBERS & jwk.keys():
         # A JWKS is public; private members mean a misconfigured IdP, and a
         # symmetric `k` would be an HMAC secret (RFC 7517, section 9.1).
         raise ValueError("carries private or symmetric key material")
-    if jwk.get("kty") != "RSA":
-        raise ValueError(f"kty {repr(jwk.get('kty'))[:20]} is not RSA")
     if jwk.get("use", "sig") != "sig":
         raise ValueError(f"use {repr(jwk.get('use'))[:20]} is not sig")
     ops = jwk.get("key_ops")
     if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
         raise ValueError("key_ops does not include verify")
+    key = _public_key(jwk)
     alg = jwk.get("alg")
-    if alg is not None and alg not in ALGORITHMS:
-        raise ValueError(f"alg {repr(alg)[:20]} is not an RSA signature algorithm")
-    n, e = _uint(jwk.get("n")), _uint(jwk.get("e"))
-    if not MIN_RSA_BITS <= n.bit_length() <= MAX_RSA_BITS:
-        raise ValueError(f"RSA key of {n.bit_length()} bits; use {MIN_RSA_BITS} to {MAX_RSA_BITS}")
-    key = rsa.RSAPublicNumbers(e, n).public_key()
+    if alg is not None and (alg not in ALGORITHMS or not fits(alg, key)):
+        raise ValueError(f"alg {repr(alg)[:20]} is not a signature algorithm for this key")
     return VerificationKey(kid=kid, key=key, alg=alg)
 
 
@@ -207,7 +278,7 @@ def parse_jwks(document: Mapping[str, Any]) -> dict[str, VerificationKey]:
             log.warning("JWKS key %r ignored: its kid appears more than once", name)
             continue
         try:
-            key = _rsa_key(entry)
+            key = _verification_key(entry)
         except ValueError as exc:
             log.warning("JWKS key %r ignored: %s", name, exc)
             continue
@@ -215,12 +286,43 @@ def parse_jwks(document: Mapping[str, Any]) -> dict[str, VerificationKey]:
     return keys
 
 
+@dataclass(frozen=True, kw_only=True)
+class CachePolicy:
+    """How long keys are trusted: refresh bounds, the unknown-kid cooldown and the staleness limit.
+
+    A JWKS response's Cache-Control max-age sets the next refresh, clamped to
+    [floor, ceiling]; without one, `default` applies. Keys not refreshed
+    successfully for `max_stale` are no longer used at all: an IdP we cannot
+    reach for that long may have revoked them.
+    """
+
+    default: float = 300.0
+    floor: float = 60.0
+    ceiling: float = 3600.0
+    max_stale: float = 7200.0
+    unknown_kid_cooldown: float = 30.0
+    retry_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.floor <= self.default <= self.ceiling <= self.max_stale:
+            raise ConfigError(
+                "JWKS cache bounds must satisfy 0 < floor <= default <= ceiling <= max_stale"
+            )
+        if self.unknown_kid_cooldown <= 0 or self.retry_interval <= 0:
+            raise ConfigError("the JWKS cooldown and retry interval must be positive")
+
+    def lifetime(self, max_age: float | None) -> float:
+        """Return how long keys from a response with this max-age go before a refresh."""
+        return self.default if max_age is None else min(max(max_age, self.floor), self.ceiling)
+
+
 class JwksCache:
-    """The issuer's signing keys by kid, refreshed periodically and on an unknown kid.
+    """One issuer's signing keys by kid, refreshed on schedule and on an unknown kid.
 
     A refresh prompted by an unknown kid happens at most once per cooldown,
     whatever the number of concurrent requests: a flood of tokens with random
-    kids cannot turn the verifier into a load generator against the IdP.
+    kids cannot turn the verifier into a load generator against the IdP. A
+    failed refresh keeps the last good keys, until they are `max_stale` old.
     """
 
     def __init__(
@@ -229,49 +331,66 @@ class JwksCache:
         issuer: str,
         getter: HttpsGetter,
         clock: Clock = system_clock,
-        refresh_interval: float = 300.0,
-        unknown_kid_cooldown: float = 30.0,
-        retry_interval: float = 1.0,
+        policy: CachePolicy | None = None,
     ) -> None:
         https_url(issuer, "OIDC issuer")
         self._issuer = issuer
         self._getter = getter
         self._clock = clock
-        self._refresh_interval = refresh_interval
-        self._cooldown = unknown_kid_cooldown
-        self._retry_interval = retry_interval
+        self._policy = policy or CachePolicy()
         self._keys: dict[str, VerificationKey] = {}
         self._metadata: ProviderMetadata | None = None
+        self._fetched_at: float | None = None
+        self._lifetime = self._policy.default
         self._last_attempt: float | None = None
         self._last_ok = False
         self._last_error = "keys not loaded yet"
         self._lock = asyncio.Lock()
 
     @property
+    def issuer(self) -> str:
+        """The issuer whose keys these are."""
+        return self._issuer
+
+    @property
     def kids(self) -> frozenset[str]:
-        """The kids of the keys held now."""
-        return frozenset(self._keys)
+        """The kids of the keys usable now (none once they are stale)."""
+        return frozenset(self._keys) if self._fresh(self._clock()) else frozenset()
 
     def get(self, kid: str) -> VerificationKey | None:
-        """Return the key called kid, if it is held now."""
-        return self._keys.get(kid)
+        """Return the key called kid, if it is held and not stale."""
+        key = self._keys.get(kid)
+        return key if key is not None and self._fresh(self._clock()) else None
+
+    def due_in(self) -> float:
+        """Return the seconds until the next scheduled refresh."""
+        now = self._clock()
+        if self._last_attempt is None:
+            return 0.0
+        if not self._last_ok:
+            wait = self._policy.unknown_kid_cooldown if self._keys else self._policy.retry_interval
+            return max(0.0, self._last_attempt + wait - now)
+        assert self._fetched_at is not None
+        return max(0.0, self._fetched_at + self._lifetime - now)
 
     async def ensure(self, kid: str) -> None:
         """Refresh once for an unknown kid unless one was tried within the cooldown.
 
-        Raises Unavailable when no keys are held at all: the verifier cannot
+        Raises Unavailable when no fresh keys are held: the verifier cannot
         tell good tokens from bad ones, so it fails closed.
         """
         async with self._lock:
-            if kid in self._keys:
-                return  # a concurrent request's refresh brought it in
-            # With no keys yet (start-up, IdP down) retry sooner, still single-flight.
-            wait = self._cooldown if self._keys else self._retry_interval
             now = self._clock()
+            if kid in self._keys and self._fresh(now):
+                return  # a concurrent request's refresh brought it in
+            # With no usable keys (start-up, IdP down too long) retry sooner,
+            # still single-flight.
+            fresh = self._fresh(now)
+            wait = self._policy.unknown_kid_cooldown if fresh else self._policy.retry_interval
             if self._last_attempt is None or now - self._last_attempt >= wait:
                 await self._refresh(now)
-            if not self._keys:
-                raise Unavailable("jwks", self._last_error)
+            if not self._fresh(self._clock()):
+                raise Unavailable("jwks", self._unusable_reason())
 
     async def refresh(self) -> bool:
         """Fetch the keys now; return whether that worked. A failure keeps the old keys."""
@@ -279,14 +398,23 @@ class JwksCache:
             return await self._refresh(self._clock())
 
     async def run(self) -> None:
-        """Refresh periodically until cancelled; sooner while no keys are held."""
+        """Refresh whenever due until cancelled: on schedule, and sooner while failing."""
         while True:
-            ok = await self.refresh()
-            if ok:
-                delay = self._refresh_interval
-            else:
-                delay = self._cooldown if self._keys else self._retry_interval
-            await asyncio.sleep(delay)
+            if self.due_in() <= 0:
+                await self.refresh()
+            await asyncio.sleep(max(self.due_in(), 0.05))
+
+    def _fresh(self, now: float) -> bool:
+        return (
+            bool(self._keys)
+            and self._fetched_at is not None
+            and now - self._fetched_at <= self._policy.max_stale
+        )
+
+    def _unusable_reason(self) -> str:
+        if self._keys:
+            return f"keys last fetched over {self._policy.max_stale:.0f}s ago: {self._last_error}"
+        return self._last_error
 
     async def _refresh(self, now: float) -> bool:
         self._last_attempt = now
@@ -294,8 +422,8 @@ class JwksCache:
             metadata = self._metadata
             if metadata is None:
                 metadata = await asyncio.to_thread(discover, self._issuer, self._getter)
-            document = await asyncio.to_thread(self._getter.get_json, metadata.jwks_uri)
-            keys = parse_jwks(document)
+            fetched = await asyncio.to_thread(self._getter.fetch, metadata.jwks_uri)
+            keys = parse_jwks(fetched.document)
             if not keys:
                 raise Unavailable("jwks", f"{metadata.jwks_uri} has no usable keys")
         except Exception as exc:  # whatever went wrong, the cache stays as it was
@@ -316,5 +444,7 @@ class JwksCache:
         if not self._last_ok or keys.keys() != self._keys.keys():
             log.info("JWKS for %s: keys %s", self._issuer, ", ".join(sorted(keys)))
         self._keys = keys
+        self._fetched_at = self._clock()
+        self._lifetime = self._policy.lifetime(fetched.max_age)
         self._last_ok = True
         return True

@@ -16,6 +16,7 @@ from jitgate.common.errors import ConfigError
 from jitgate.devstack import idp, pki
 from jitgate.v1 import verifier_pb2, verifier_pb2_grpc
 from jitgate.verifier import main
+from jitgate.verifier.oidc import CachePolicy
 from tests.support import channel
 
 ISSUER = "https://idp.example/oauth2/default"
@@ -50,19 +51,23 @@ def _env(dev: pki.DevPki, tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def test_the_defaults_are_okta_shaped() -> None:
     settings = main.OidcSettings.from_env(Env({"JITGATE_OIDC_ISSUER": ISSUER}))
-    assert settings.issuer == ISSUER
+    assert settings.issuers == (ISSUER,)
     assert settings.audience == "api://default"
     assert settings.groups_claim == "groups"
     assert settings.algorithms == {"RS256"}
     assert settings.leeway == 30
+    assert settings.max_token_lifetime == 24 * 3600
     assert settings.ca_bundle is None
+    assert settings.cache == CachePolicy(
+        default=300, floor=60, ceiling=3600, max_stale=7200, unknown_kid_cooldown=30
+    )
 
 
 def test_every_setting_has_an_environment_form(tmp_path: Path) -> None:
     settings = main.OidcSettings.from_env(
         Env(
             {
-                "JITGATE_OIDC_ISSUER": ISSUER,
+                "JITGATE_OIDC_ISSUER": f"{ISSUER}, https://other.example/oauth2/agents",
                 "JITGATE_OIDC_AUDIENCE": "api://jitgate",
                 "JITGATE_OIDC_GROUPS_CLAIM": "jitgate_groups",
                 "JITGATE_OIDC_ALGORITHMS": "RS256, PS256",
@@ -71,6 +76,10 @@ def test_every_setting_has_an_environment_form(tmp_path: Path) -> None:
                 "JITGATE_OIDC_HTTP_TIMEOUT": "2",
                 "JITGATE_OIDC_JWKS_REFRESH": "600",
                 "JITGATE_OIDC_JWKS_COOLDOWN": "60",
+                "JITGATE_OIDC_JWKS_MIN_AGE": "120",
+                "JITGATE_OIDC_JWKS_MAX_AGE": "1800",
+                "JITGATE_OIDC_JWKS_MAX_STALE": "3600",
+                "JITGATE_OIDC_MAX_TOKEN_LIFETIME": "7200",
             }
         )
     )
@@ -79,7 +88,12 @@ def test_every_setting_has_an_environment_form(tmp_path: Path) -> None:
     assert settings.algorithms == {"RS256", "PS256"}
     assert settings.leeway == 10
     assert settings.ca_bundle == tmp_path / "ca.pem"
-    assert (settings.http_timeout, settings.jwks_refresh, settings.jwks_cooldown) == (2, 600, 60)
+    assert settings.issuers == (ISSUER, "https://other.example/oauth2/agents")
+    assert settings.http_timeout == 2
+    assert settings.max_token_lifetime == 7200
+    assert settings.cache == CachePolicy(
+        default=600, floor=120, ceiling=1800, max_stale=3600, unknown_kid_cooldown=60
+    )
 
 
 @pytest.mark.parametrize(
@@ -91,6 +105,11 @@ def test_every_setting_has_an_environment_form(tmp_path: Path) -> None:
         ("JITGATE_OIDC_ALGORITHMS", "RS256,none", "never allowed"),
         ("JITGATE_OIDC_ALGORITHMS", "rs256", "not supported"),
         ("JITGATE_OIDC_LEEWAY", "120", "JITGATE_OIDC_LEEWAY"),
+        ("JITGATE_OIDC_ISSUER", " , ", "JITGATE_OIDC_ISSUER"),
+        ("JITGATE_OIDC_ISSUER", f"{ISSUER},http://plain.example", "https"),
+        ("JITGATE_OIDC_JWKS_MAX_STALE", "600", "JITGATE_OIDC_JWKS_MAX_STALE"),
+        ("JITGATE_OIDC_JWKS_MIN_AGE", "900", "JITGATE_OIDC_JWKS_MIN_AGE"),
+        ("JITGATE_OIDC_MAX_TOKEN_LIFETIME", "30", "JITGATE_OIDC_MAX_TOKEN_LIFETIME"),
     ],
 )
 def test_bad_settings_are_refused_at_start_up(name: str, value: str, message: str) -> None:
@@ -119,7 +138,7 @@ async def test_it_serves_while_the_idp_is_unreachable(dev_pki: pki.DevPki, tmp_p
         JITGATE_OIDC_ISSUER=f"https://127.0.0.1:{_free_port()}/oauth2/default",
         JITGATE_OIDC_CA_BUNDLE=str(dev_pki.ca),
     )
-    service, cache = main.create(Env(env))
+    service, (cache,) = main.create(Env(env))
     await service.start()
     try:
         async with channel(dev_pki, "issuer", port, "verifier") as ch:
@@ -133,7 +152,8 @@ async def test_it_serves_while_the_idp_is_unreachable(dev_pki: pki.DevPki, tmp_p
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.Verify(verifier_pb2.VerifyRequest(token="a.b.c"), timeout=5)
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            token = idp.mint({"sub": "x"}, key=_rsa_key(), kid="k1")
+            claims = {"iss": env["JITGATE_OIDC_ISSUER"], "sub": "x"}
+            token = idp.mint(claims, key=_rsa_key(), kid="k1")
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.Verify(verifier_pb2.VerifyRequest(token=token), timeout=5)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
 import logging
+import secrets
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,14 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from jitgate.common.errors import ConfigError, Unauthenticated, Unavailable
 from jitgate.devstack import idp, idp_http, pki
 from jitgate.verifier.oidc import (
+    MAX_DOCUMENT_BYTES,
     MAX_KEYS,
+    CachePolicy,
     HttpsGetter,
     JwksCache,
+    cache_max_age,
     discover,
     parse_jwks,
 )
@@ -78,9 +85,7 @@ def _cache(server: idp_http.IdpServer, getter: HttpsGetter, clock: FakeClock) ->
         issuer=server.issuer,
         getter=getter,
         clock=clock,
-        refresh_interval=300,
-        unknown_kid_cooldown=30,
-        retry_interval=1,
+        policy=CachePolicy(default=300, unknown_kid_cooldown=30, retry_interval=1),
     )
 
 
@@ -181,7 +186,7 @@ async def test_keys_load_and_verify_a_token(
     cache = _cache(idp_server, getter, FakeClock())
     assert await cache.refresh()
     assert cache.kids == {idp_server.idp.kid}
-    verifier = AccessTokenVerifier(issuer=idp_server.issuer, audience=idp.AUDIENCE, keys=cache)
+    verifier = AccessTokenVerifier(issuers={idp_server.issuer: cache}, audience=idp.AUDIENCE)
     token = idp_server.idp.access_token("deploy-bot", now=NOW)
     assert (await verifier.authenticate(token, NOW)).subject == "deploy-bot"
 
@@ -191,7 +196,7 @@ async def test_an_unknown_kid_triggers_one_refresh_then_is_rejected(
 ) -> None:
     clock = FakeClock()
     cache = _cache(idp_server, getter, clock)
-    verifier = AccessTokenVerifier(issuer=idp_server.issuer, audience=idp.AUDIENCE, keys=cache)
+    verifier = AccessTokenVerifier(issuers={idp_server.issuer: cache}, audience=idp.AUDIENCE)
     assert await cache.refresh()
     assert idp_server.requests["keys"] == 1
     clock.advance(30)  # a refresh just happened: none is due for any kid until the cooldown
@@ -233,7 +238,7 @@ async def test_a_rotated_key_is_picked_up_by_its_kid(
     with idp_http.IdpServer(
         state_dir=tmp_path, tls_cert=files.cert, tls_key=files.key, port=port
     ) as rotated:
-        verifier = AccessTokenVerifier(issuer=rotated.issuer, audience=idp.AUDIENCE, keys=cache)
+        verifier = AccessTokenVerifier(issuers={rotated.issuer: cache}, audience=idp.AUDIENCE)
         token = rotated.idp.access_token("deploy-bot", now=NOW)
         assert (await verifier.authenticate(token, NOW)).subject == "deploy-bot"
         assert cache.kids == {rotated.idp.kid} != {old_kid}
@@ -244,7 +249,7 @@ async def test_a_failed_fetch_keeps_the_cached_keys(
 ) -> None:
     clock = FakeClock()
     cache = _cache(idp_server, getter, clock)
-    verifier = AccessTokenVerifier(issuer=idp_server.issuer, audience=idp.AUDIENCE, keys=cache)
+    verifier = AccessTokenVerifier(issuers={idp_server.issuer: cache}, audience=idp.AUDIENCE)
     assert await cache.refresh()
     token = idp_server.idp.access_token("deploy-bot", now=NOW)
     idp_server.stop()
@@ -255,8 +260,9 @@ async def test_a_failed_fetch_keeps_the_cached_keys(
     assert cache.kids == {idp_server.idp.kid}
     assert (await verifier.authenticate(token, NOW)).subject == "deploy-bot"
     # An unknown kid while the IdP is down is still a plain rejection.
+    forged = idp_server.idp.mint({"iss": idp_server.issuer, "sub": "x"}, kid="other")
     with pytest.raises(Unauthenticated) as caught:
-        await verifier.authenticate(idp_server.idp.mint({"sub": "x"}, kid="other"), NOW)
+        await verifier.authenticate(forged, NOW)
     assert caught.value.check == "kid_unknown"
 
 
@@ -317,9 +323,11 @@ def good_jwk() -> dict[str, Any]:
         ({"kid": {"a": 1}}, "no usable kid"),
         ({"use": "enc"}, "not sig"),
         ({"kty": "oct", "k": "c2VjcmV0"}, "private or symmetric"),
-        ({"kty": "EC"}, "not RSA"),
+        ({"kty": "EC"}, "not a supported curve"),
+        ({"kty": "oct"}, "not an asymmetric key type"),
         ({"d": "AQAB"}, "private"),
-        ({"alg": "HS256"}, "not an RSA signature algorithm"),
+        ({"alg": "HS256"}, "not a signature algorithm for this key"),
+        ({"alg": "ES256"}, "not a signature algorithm for this key"),
         ({"key_ops": ["encrypt"]}, "key_ops"),
         ({"n": "AQAB=="}, "base64url"),
         ({"n": 7}, "base64url"),
@@ -366,3 +374,294 @@ def test_a_key_without_use_or_alg_is_usable(good_jwk: dict[str, Any]) -> None:
 def test_a_key_set_of_the_wrong_shape_is_unavailable(document: dict[str, Any]) -> None:
     with pytest.raises(Unavailable):
         parse_jwks(document)
+
+
+# Cache-Control, staleness, rotation and hostile endpoints, against a JWKS
+# server whose behaviour each test sets.
+
+
+class JwksServer:
+    """An HTTPS OIDC issuer (discovery and JWKS only) whose keys and failures tests set."""
+
+    def __init__(self) -> None:
+        self.signing: dict[str, rsa.RSAPrivateKey] = {}
+        self.mode = "ok"
+        self.cache_control: str | None = None
+        self.delay = 0.0
+        self.fetches = 0
+        self.base = ""
+
+    @property
+    def issuer(self) -> str:
+        return f"{self.base}/oauth2/default"
+
+    def add_key(self, kid: str) -> rsa.RSAPrivateKey:
+        self.signing[kid] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return self.signing[kid]
+
+    def token(self, kid: str, now: float = NOW, **claims: Any) -> str:
+        body = {"iss": self.issuer, "aud": idp.AUDIENCE, "sub": "agent", "iat": int(now)}
+        body.update({"exp": int(now) + 3600, **claims})
+        return idp.mint(body, key=self.signing[kid], kid=kid)
+
+    def reply(self, base: str, path: str) -> Reply:
+        if path.endswith("/.well-known/openid-configuration"):
+            return _json({"issuer": self.issuer, "jwks_uri": f"{self.issuer}/keys"})
+        self.fetches += 1
+        time.sleep(self.delay)
+        if self.mode == "down":
+            return 503, {}, b"maintenance"
+        if self.mode == "garbage":
+            return 200, {"Content-Type": "application/json"}, b'{"keys": [{"kty": "RSA"'
+        if self.mode == "huge":
+            return _json({"keys": [], "padding": "x" * (MAX_DOCUMENT_BYTES + 1)})
+        keys = [
+            {**idp.rsa_jwk(key.public_key()), "kid": kid, "use": "sig", "alg": "RS256"}
+            for kid, key in self.signing.items()
+        ]
+        status, headers, body = _json({"keys": keys})
+        if self.cache_control is not None:
+            headers["Cache-Control"] = self.cache_control
+        return status, headers, body
+
+
+@pytest.fixture
+def jwks(dev_pki: pki.DevPki) -> Iterator[JwksServer]:
+    server = JwksServer()
+    server.add_key("k1")
+    with canned_https(dev_pki, server.reply) as base:
+        server.base = base
+        yield server
+
+
+def _verifier(cache: JwksCache) -> AccessTokenVerifier:
+    return AccessTokenVerifier(issuers={cache.issuer: cache}, audience=idp.AUDIENCE)
+
+
+POLICY = CachePolicy(default=300, floor=60, ceiling=3600, max_stale=7200, unknown_kid_cooldown=30)
+
+
+@pytest.mark.parametrize(
+    ("header", "lifetime"),
+    [
+        (None, 300),
+        ("max-age=600", 600),
+        ("public, max-age=10", 60),
+        ("max-age=999999", 3600),
+        ("no-store", 60),
+        ("no-cache, max-age=900", 60),
+        ("max-age=900, max-age=120", 120),
+        ("max-age=banana", 300),
+    ],
+)
+async def test_cache_control_sets_the_next_refresh_within_the_bounds(
+    jwks: JwksServer, getter: HttpsGetter, header: str | None, lifetime: float
+) -> None:
+    jwks.cache_control = header
+    clock = FakeClock()
+    cache = JwksCache(issuer=jwks.issuer, getter=getter, clock=clock, policy=POLICY)
+    assert await cache.refresh()
+    assert cache.due_in() == lifetime
+    clock.advance(lifetime - 1)
+    assert cache.due_in() == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([], None),
+        (["max-age=0"], 0.0),
+        (["MAX-AGE = 42 "], 42.0),
+        (['max-age="77"'], 77.0),
+        (["private", "max-age=5"], 5.0),
+        (["max-age=-5"], None),
+        (["max-age=" + "9" * 40], None),
+        (["no-store"], 0.0),
+    ],
+)
+def test_cache_max_age_reads_cache_control(headers: list[str], expected: float | None) -> None:
+    assert cache_max_age(headers) == expected
+
+
+async def test_the_background_refresh_follows_cache_control(
+    jwks: JwksServer, getter: HttpsGetter
+) -> None:
+    jwks.cache_control = "max-age=0"
+    fast = CachePolicy(default=0.2, floor=0.2, ceiling=0.2, max_stale=60)
+    cache = JwksCache(issuer=jwks.issuer, getter=getter, policy=fast)
+    task = asyncio.create_task(cache.run())
+    try:
+        await asyncio.sleep(1.0)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    # One fetch at start, then one every 0.2 s: about 5, never a tight loop.
+    assert 3 <= jwks.fetches <= 7
+
+
+async def test_a_rotated_in_key_is_accepted_after_one_refresh_and_a_removed_one_rejected(
+    jwks: JwksServer, getter: HttpsGetter
+) -> None:
+    clock = FakeClock()
+    cache = JwksCache(issuer=jwks.issuer, getter=getter, clock=clock, policy=POLICY)
+    verifier = _verifier(cache)
+    old_token = jwks.token("k1")
+    assert (await verifier.authenticate(old_token, NOW)).subject == "agent"
+    assert jwks.fetches == 1
+    # The IdP publishes k2 and signs with it: the first k2 token costs one refresh.
+    jwks.add_key("k2")
+    clock.advance(30)
+    assert (await verifier.authenticate(jwks.token("k2"), NOW)).subject == "agent"
+    assert jwks.fetches == 2
+    # The IdP retires k1: tokens it signed fail once the next refresh has run.
+    del jwks.signing["k1"]
+    assert (await verifier.authenticate(old_token, NOW)).subject == "agent"
+    clock.advance(POLICY.default)
+    assert await cache.refresh()
+    with pytest.raises(Unauthenticated) as caught:
+        await verifier.authenticate(old_token, NOW)
+    assert caught.value.check == "kid_unknown"
+    assert cache.kids == {"k2"}
+
+
+async def test_a_storm_of_a_thousand_random_kids_costs_at_most_two_fetches(
+    jwks: JwksServer, getter: HttpsGetter
+) -> None:
+    clock = FakeClock()
+    cache = JwksCache(issuer=jwks.issuer, getter=getter, clock=clock, policy=POLICY)
+    verifier = _verifier(cache)
+    forger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    claims = {"iss": jwks.issuer, "aud": idp.AUDIENCE, "sub": "x", "iat": NOW, "exp": NOW + 60}
+    storm = [idp.mint(claims, key=forger, kid=secrets.token_hex(8)) for _ in range(1000)]
+
+    async def attempt(token: str) -> str:
+        try:
+            await verifier.authenticate(token, NOW)
+        except Unauthenticated as exc:
+            return exc.check
+        return "accepted"
+
+    # Cold cache: the first token loads the keys, the rest find theirs unknown.
+    outcomes = await asyncio.gather(*(attempt(token) for token in storm))
+    assert set(outcomes) == {"kid_unknown"}
+    assert jwks.fetches <= 2
+    # Warm cache, cooldown passed: a second storm costs one more fetch at most.
+    clock.advance(POLICY.unknown_kid_cooldown)
+    before = jwks.fetches
+    outcomes = await asyncio.gather(*(attempt(token) for token in storm))
+    assert set(outcomes) == {"kid_unknown"}
+    assert jwks.fetches - before <= 1
+
+
+@pytest.mark.parametrize("mode", ["down", "garbage", "huge"])
+async def test_a_failing_endpoint_is_survived_until_the_staleness_bound(
+    jwks: JwksServer, getter: HttpsGetter, mode: str
+) -> None:
+    clock = FakeClock()
+    cache = JwksCache(issuer=jwks.issuer, getter=getter, clock=clock, policy=POLICY)
+    verifier = _verifier(cache)
+    assert await cache.refresh()
+    jwks.mode = mode
+    # Within the bound: refreshes fail, the last good keys still verify.
+    clock.advance(POLICY.max_stale)
+    assert not await cache.refresh()
+    token = jwks.token("k1", now=clock.now)
+    assert (await verifier.authenticate(token, clock.now)).subject == "agent"
+    assert cache.kids == {"k1"}
+    # Past it: nothing verifies, and the agent is told "unavailable", not "accepted".
+    clock.advance(1)
+    token = jwks.token("k1", now=clock.now)
+    with pytest.raises(Unavailable, match="last fetched over 7200s ago"):
+        await verifier.authenticate(token, clock.now)
+    assert cache.kids == frozenset()
+    # The endpoint recovers: the next attempt after the retry interval loads keys again.
+    jwks.mode = "ok"
+    clock.advance(POLICY.retry_interval)
+    assert (await verifier.authenticate(token, clock.now)).subject == "agent"
+
+
+async def test_a_slow_endpoint_is_given_up_on_within_the_timeout(
+    jwks: JwksServer, dev_pki: pki.DevPki
+) -> None:
+    impatient = HttpsGetter(ca_bundle=dev_pki.ca, timeout=0.5)
+    jwks.delay = 2.0
+    cache = JwksCache(issuer=jwks.issuer, getter=impatient, policy=POLICY)
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="timed out"):
+        await cache.ensure("k1")
+    assert time.monotonic() - started < 1.5
+
+
+async def test_a_dripping_endpoint_is_cut_off_at_the_deadline(dev_pki: pki.DevPki) -> None:
+    # A server that sends a byte at a time, each within the read timeout,
+    # must still not hold a fetch open past the overall deadline.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    files = dev_pki.files("idp")
+    context.load_cert_chain(files.cert, files.key)
+
+    class Drip(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(100):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        getter = HttpsGetter(ca_bundle=dev_pki.ca, timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="slower than"):
+            await asyncio.to_thread(
+                getter.get_json, f"https://127.0.0.1:{server.server_address[1]}/k"
+            )
+        assert time.monotonic() - started < 1.5
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# Key types other than RSA, for issuers configured with ES* or EdDSA.
+
+
+def test_ec_and_okp_keys_are_read_and_off_curve_points_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    p256 = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
+    size = 32
+    point = {
+        "kty": "EC",
+        "crv": "P-256",
+        "x": _b64(p256.x.to_bytes(size, "big")),
+        "y": _b64(p256.y.to_bytes(size, "big")),
+    }
+    off_curve = {**point, "y": _b64((p256.y ^ 1).to_bytes(size, "big"))}
+    ed = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    okp = {"kty": "OKP", "crv": "Ed25519", "x": _b64(ed)}
+    document = {
+        "keys": [
+            {**point, "kid": "ec", "alg": "ES256"},
+            {**off_curve, "kid": "off"},
+            {**okp, "kid": "ed", "alg": "EdDSA"},
+            {**okp, "kid": "x448", "crv": "X448"},
+            {**point, "kid": "short", "x": _b64(b"\x01" * 31)},
+        ]
+    }
+    with caplog.at_level(logging.WARNING, logger="jitgate.verifier.oidc"):
+        keys = parse_jwks(document)
+    assert set(keys) == {"ec", "ed"}
+    for kid in ("off", "x448", "short"):
+        assert repr(kid) in caplog.text
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()

@@ -74,7 +74,7 @@ async def _serve_verifier(
     cache = JwksCache(issuer=server.issuer, getter=HttpsGetter(ca_bundle=dev.ca), clock=clock)
     audit = AuditClient(channel(dev, "verifier", audit_port, "audit"))
     servicer = VerifierServicer(
-        tokens=AccessTokenVerifier(issuer=server.issuer, audience=idp.AUDIENCE, keys=cache),
+        tokens=AccessTokenVerifier(issuers={server.issuer: cache}, audience=idp.AUDIENCE),
         signer=assertion.signer(key, "jitgate"),
         audit=audit,
         trust_domain="jitgate",

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +19,7 @@ from jitgate.common.errors import Unauthenticated, Unavailable
 from jitgate.devstack import idp
 from jitgate.verifier.tokens import (
     MAX_TOKEN_BYTES,
+    REASONS,
     AccessTokenVerifier,
     VerificationKey,
     allowed_algorithms,
@@ -62,7 +65,7 @@ def _key(issuer: idp.Idp, alg: str | None = None) -> VerificationKey:
 
 @pytest.fixture
 def verifier(issuer: idp.Idp) -> AccessTokenVerifier:
-    return AccessTokenVerifier(issuer=ISSUER, audience=AUDIENCE, keys=StaticKeys(_key(issuer)))
+    return AccessTokenVerifier(issuers={ISSUER: StaticKeys(_key(issuer))}, audience=AUDIENCE)
 
 
 def _claims(issuer: idp.Idp, **changes: Any) -> dict[str, Any]:
@@ -110,7 +113,7 @@ def test_an_issued_access_token_verifies(verifier: AccessTokenVerifier, issuer: 
 
 async def test_authenticate_asks_for_an_unknown_kid_once_then_verifies(issuer: idp.Idp) -> None:
     keys = StaticKeys()
-    verifier = AccessTokenVerifier(issuer=ISSUER, audience=AUDIENCE, keys=keys)
+    verifier = AccessTokenVerifier(issuers={ISSUER: keys}, audience=AUDIENCE)
     token = issuer.mint(_claims(issuer))
     with pytest.raises(Unauthenticated) as caught:
         await verifier.authenticate(token, NOW)
@@ -123,7 +126,7 @@ async def test_authenticate_asks_for_an_unknown_kid_once_then_verifies(issuer: i
 
 async def test_no_keys_at_all_is_unavailable_not_a_rejection(issuer: idp.Idp) -> None:
     verifier = AccessTokenVerifier(
-        issuer=ISSUER, audience=AUDIENCE, keys=StaticKeys(empty_is_unavailable=True)
+        issuers={ISSUER: StaticKeys(empty_is_unavailable=True)}, audience=AUDIENCE
     )
     with pytest.raises(Unavailable):
         await verifier.authenticate(issuer.mint(_claims(issuer)), NOW)
@@ -151,16 +154,16 @@ def test_absent_groups_mean_no_groups(verifier: AccessTokenVerifier, issuer: idp
 
 def test_the_groups_claim_name_is_configurable(issuer: idp.Idp) -> None:
     verifier = AccessTokenVerifier(
-        issuer=ISSUER, audience=AUDIENCE, keys=StaticKeys(_key(issuer)), groups_claim="roles"
+        issuers={ISSUER: StaticKeys(_key(issuer))}, audience=AUDIENCE, groups_claim="roles"
     )
     token = issuer.mint(_claims(issuer, roles=["ops"]))
     assert verifier.verify(token, NOW).groups == ("ops",)
 
 
-def test_an_audience_list_containing_ours_is_accepted(
+def test_an_audience_list_of_only_ours_is_accepted(
     verifier: AccessTokenVerifier, issuer: idp.Idp
 ) -> None:
-    token = issuer.mint(_claims(issuer, aud=["api://other", AUDIENCE]))
+    token = issuer.mint(_claims(issuer, aud=[AUDIENCE]))
     assert verifier.verify(token, NOW).subject == "deploy-bot"
 
 
@@ -188,7 +191,7 @@ def test_non_ascii_is_rejected(verifier: AccessTokenVerifier, issuer: idp.Idp) -
     _rejects(verifier, issuer.mint(_claims(issuer)) + "é", "token_malformed")
 
 
-@pytest.mark.parametrize("count", [1, 2, 4, 5])
+@pytest.mark.parametrize("count", [1, 2, 4, 6])
 def test_anything_but_three_segments_is_rejected(
     verifier: AccessTokenVerifier, issuer: idp.Idp, count: int
 ) -> None:
@@ -263,9 +266,8 @@ def test_a_missing_or_non_string_alg_is_rejected(
 
 def test_other_asymmetric_algorithms_can_be_allowed(issuer: idp.Idp) -> None:
     verifier = AccessTokenVerifier(
-        issuer=ISSUER,
+        issuers={ISSUER: StaticKeys(_key(issuer))},
         audience=AUDIENCE,
-        keys=StaticKeys(_key(issuer)),
         algorithms=frozenset({"RS256", "PS256"}),
     )
     token = issuer.mint(_claims(issuer), alg="PS256")
@@ -274,9 +276,8 @@ def test_other_asymmetric_algorithms_can_be_allowed(issuer: idp.Idp) -> None:
 
 def test_a_key_bound_to_another_algorithm_is_not_used(issuer: idp.Idp) -> None:
     verifier = AccessTokenVerifier(
-        issuer=ISSUER,
+        issuers={ISSUER: StaticKeys(_key(issuer, alg="PS256"))},
         audience=AUDIENCE,
-        keys=StaticKeys(_key(issuer, alg="PS256")),
         algorithms=frozenset({"RS256", "PS256"}),
     )
     _rejects(verifier, issuer.mint(_claims(issuer)), "alg_key_mismatch")
@@ -404,9 +405,7 @@ def test_a_missing_exp_is_rejected(verifier: AccessTokenVerifier, issuer: idp.Id
     _rejects(verifier, issuer.mint(_claims(issuer, exp=_DROP)), "exp_missing")
 
 
-@pytest.mark.parametrize(
-    "value", ["1800000000", True, None, float("nan"), float("inf"), 1e30, 10**400, -1, [NOW]]
-)
+@pytest.mark.parametrize("value", ["1800000000", True, None, 1e30, 10**400, -1, [NOW]])
 def test_a_time_that_is_not_a_sane_number_is_rejected(
     verifier: AccessTokenVerifier, issuer: idp.Idp, value: object
 ) -> None:
@@ -427,7 +426,7 @@ def test_a_token_issued_in_the_future_is_rejected(
 
 def test_the_leeway_is_configurable(issuer: idp.Idp) -> None:
     strict = AccessTokenVerifier(
-        issuer=ISSUER, audience=AUDIENCE, keys=StaticKeys(_key(issuer)), leeway=0
+        issuers={ISSUER: StaticKeys(_key(issuer))}, audience=AUDIENCE, leeway=0
     )
     _rejects(strict, issuer.mint(_claims(issuer, iat=NOW + 1)), "iat_future")
 
@@ -436,7 +435,7 @@ def test_the_leeway_is_configurable(issuer: idp.Idp) -> None:
 def test_a_leeway_outside_zero_to_sixty_seconds_is_refused(issuer: idp.Idp, leeway: float) -> None:
     with pytest.raises(ValueError, match="leeway"):
         AccessTokenVerifier(
-            issuer=ISSUER, audience=AUDIENCE, keys=StaticKeys(_key(issuer)), leeway=leeway
+            issuers={ISSUER: StaticKeys(_key(issuer))}, audience=AUDIENCE, leeway=leeway
         )
 
 
@@ -471,6 +470,225 @@ def test_a_non_string_client_or_token_id_is_rejected(
     _rejects(verifier, issuer.mint(_claims(issuer, **{claim: 7})), f"{claim}_invalid")
 
 
+# Explicit typing, extensions and nesting (header rules).
+
+
+@pytest.mark.parametrize("typ", ["at+jwt", "application/at+jwt", "AT+JWT", "Application/At+JWT"])
+def test_an_access_token_type_is_accepted(
+    verifier: AccessTokenVerifier, issuer: idp.Idp, typ: str
+) -> None:
+    token = issuer.mint(_claims(issuer), headers={"typ": typ})
+    assert verifier.verify(token, NOW).subject == "deploy-bot"
+
+
+@pytest.mark.parametrize("typ", ["JWT", "id_token+jwt", "logout+jwt", "", None, 1, ["at+jwt"]])
+def test_any_other_type_is_rejected(
+    verifier: AccessTokenVerifier, issuer: idp.Idp, typ: object
+) -> None:
+    _rejects(verifier, issuer.mint(_claims(issuer), headers={"typ": typ}), "typ_not_allowed")
+
+
+@pytest.mark.parametrize("crit", [["exp"], ["b64"], [], "b64"])
+def test_a_critical_extension_is_rejected(
+    verifier: AccessTokenVerifier, issuer: idp.Idp, crit: object
+) -> None:
+    token = issuer.mint(_claims(issuer), headers={"crit": crit, "b64": True})
+    _rejects(verifier, token, "crit_unsupported")
+
+
+@pytest.mark.parametrize("cty", ["JWT", "jwt", "application/json"])
+def test_a_nested_token_is_rejected(
+    verifier: AccessTokenVerifier, issuer: idp.Idp, cty: str
+) -> None:
+    _rejects(verifier, issuer.mint(_claims(issuer), headers={"cty": cty}), "token_nested")
+
+
+def test_an_encrypted_token_is_rejected(verifier: AccessTokenVerifier, issuer: idp.Idp) -> None:
+    header = _segment({"alg": "RSA-OAEP", "enc": "A256GCM", "kid": issuer.kid})
+    _rejects(verifier, f"{header}.AAAA.AAAA.AAAA.AAAA", "token_encrypted")
+
+
+@pytest.mark.parametrize("kid", ["k" * 257, "kid\nline", "kid\u202e"])
+def test_a_kid_that_would_corrupt_logs_is_rejected(
+    verifier: AccessTokenVerifier, issuer: idp.Idp, kid: str
+) -> None:
+    _rejects(verifier, issuer.mint(_claims(issuer), kid=kid), "kid_invalid")
+
+
+@pytest.mark.parametrize("member", ["jku", "x5u"])
+def test_a_key_url_in_the_header_is_never_fetched(
+    verifier: AccessTokenVerifier, issuer: idp.Idp, other_key: rsa.RSAPrivateKey, member: str
+) -> None:
+    # The URL is never contacted: the kid is looked up in our JWKS only.
+    headers = {member: "https://attacker.example/keys"}
+    token = idp.mint(_claims(issuer), key=other_key, kid="attacker", headers=headers)
+    _rejects(verifier, token, "kid_unknown")
+
+
+def test_a_certificate_chain_in_the_header_is_never_used(
+    verifier: AccessTokenVerifier, issuer: idp.Idp, other_key: rsa.RSAPrivateKey
+) -> None:
+    der = other_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    headers = {"x5c": [base64.b64encode(der).decode()]}
+    token = idp.mint(_claims(issuer), key=other_key, kid=issuer.kid, headers=headers)
+    _rejects(verifier, token, "signature_invalid")
+
+
+# Tokens of the wrong kind.
+
+
+@pytest.mark.parametrize("claim", ["nonce", "at_hash", "c_hash"])
+def test_an_id_token_is_rejected(
+    verifier: AccessTokenVerifier, issuer: idp.Idp, claim: str
+) -> None:
+    _rejects(verifier, issuer.mint(_claims(issuer, **{claim: "abc"})), "id_token")
+
+
+def test_a_token_whose_audience_is_its_client_is_an_id_token(
+    verifier: AccessTokenVerifier, issuer: idp.Idp
+) -> None:
+    claims = _claims(issuer)
+    _rejects(verifier, issuer.mint({**claims, "aud": claims["cid"]}), "id_token")
+
+
+def test_an_org_authorization_server_token_is_rejected(
+    verifier: AccessTokenVerifier, issuer: idp.Idp
+) -> None:
+    # Okta's org authorization server: iss and aud are both the org URL.
+    org = "https://idp.example"
+    _rejects(verifier, issuer.mint(_claims(issuer, iss=org, aud=org)), "org_authorization_server")
+
+
+# Several issuers, each with its own keys.
+
+
+def test_each_trusted_issuer_is_verified_with_its_own_keys(
+    issuer: idp.Idp, other_key: rsa.RSAPrivateKey
+) -> None:
+    second = idp.Idp(
+        issuer="https://idp.example/oauth2/agents", key=other_key, agents=issuer.agents
+    )
+    verifier = AccessTokenVerifier(
+        issuers={ISSUER: StaticKeys(_key(issuer)), second.issuer: StaticKeys(_key(second))},
+        audience=AUDIENCE,
+    )
+    assert verifier.verify(issuer.mint(_claims(issuer)), NOW).issuer == ISSUER
+    token = second.mint(_claims(issuer, iss=second.issuer))
+    assert verifier.verify(token, NOW).issuer == second.issuer
+    # A key of the first issuer never vouches for a token claiming the second.
+    hijack = issuer.mint(_claims(issuer, iss=second.issuer))
+    _rejects(verifier, hijack, "kid_unknown")
+
+
+def test_a_foreign_issuer_never_triggers_a_key_refresh(issuer: idp.Idp) -> None:
+    keys = StaticKeys(_key(issuer))
+    verifier = AccessTokenVerifier(issuers={ISSUER: keys}, audience=AUDIENCE)
+    token = issuer.mint(_claims(issuer, iss="https://evil.example"), kid="new-kid")
+    with pytest.raises(Unauthenticated) as caught:
+        asyncio.run(verifier.authenticate(token, NOW))
+    assert caught.value.check == "iss_mismatch"
+    assert keys.ensured == []
+
+
+# Audience, lifetime.
+
+
+@pytest.mark.parametrize("aud", [[AUDIENCE, "api://other"], [], [AUDIENCE, 7], _DROP, 7])
+def test_an_audience_other_than_exactly_ours_is_rejected(
+    verifier: AccessTokenVerifier, issuer: idp.Idp, aud: object
+) -> None:
+    _rejects(verifier, issuer.mint(_claims(issuer, aud=aud)), "aud_mismatch")
+
+
+def test_a_missing_iat_is_rejected(verifier: AccessTokenVerifier, issuer: idp.Idp) -> None:
+    _rejects(verifier, issuer.mint(_claims(issuer, iat=_DROP)), "iat_missing")
+
+
+def test_a_token_that_lives_too_long_is_rejected(
+    verifier: AccessTokenVerifier, issuer: idp.Idp
+) -> None:
+    day = 24 * 3600
+    assert verifier.verify(issuer.mint(_claims(issuer, exp=NOW + day)), NOW)
+    _rejects(verifier, issuer.mint(_claims(issuer, exp=NOW + day + 1)), "lifetime_too_long")
+    short = AccessTokenVerifier(
+        issuers={ISSUER: StaticKeys(_key(issuer))}, audience=AUDIENCE, max_lifetime=3600
+    )
+    _rejects(short, issuer.mint(_claims(issuer, exp=NOW + 3601)), "lifetime_too_long")
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_a_number_json_does_not_have_is_rejected(
+    verifier: AccessTokenVerifier, issuer: idp.Idp, literal: str
+) -> None:
+    payload = json.dumps(_claims(issuer)).replace(f'"exp": {int(NOW) + 3600}', f'"exp": {literal}')
+    assert literal in payload
+    header = _segment({"alg": "RS256", "kid": issuer.kid})
+    token = _sign_raw(issuer, f"{header}.{_segment(payload.encode())}")
+    _rejects(verifier, token, "payload_malformed")
+
+
+def test_empty_groups_mean_no_groups_and_matching_is_exact(
+    verifier: AccessTokenVerifier, issuer: idp.Idp
+) -> None:
+    assert verifier.verify(issuer.mint(_claims(issuer, groups=[])), NOW).groups == ()
+    token = issuer.mint(_claims(issuer, groups=["Platform", "platform "]))
+    assert verifier.verify(token, NOW).groups == ("Platform", "platform ")
+
+
+# Other asymmetric algorithms, each bound to its key type and curve.
+
+
+def _ec_token(
+    issuer: idp.Idp, key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, alg: str
+) -> str:
+    return jwt.encode(_claims(issuer), key, algorithm=alg, headers={"kid": "k2", "typ": None})
+
+
+@pytest.mark.parametrize(
+    ("alg", "curve"),
+    [("ES256", ec.SECP256R1()), ("ES384", ec.SECP384R1()), ("ES512", ec.SECP521R1())],
+)
+def test_ecdsa_tokens_verify_when_allowed(
+    issuer: idp.Idp, alg: str, curve: ec.EllipticCurve
+) -> None:
+    key = ec.generate_private_key(curve)
+    verifier = AccessTokenVerifier(
+        issuers={ISSUER: StaticKeys(VerificationKey(kid="k2", key=key.public_key()))},
+        audience=AUDIENCE,
+        algorithms=frozenset({alg}),
+    )
+    assert verifier.verify(_ec_token(issuer, key, alg), NOW).subject == "deploy-bot"
+
+
+def test_eddsa_tokens_verify_when_allowed(issuer: idp.Idp) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    verifier = AccessTokenVerifier(
+        issuers={ISSUER: StaticKeys(VerificationKey(kid="k2", key=key.public_key()))},
+        audience=AUDIENCE,
+        algorithms=frozenset({"EdDSA"}),
+    )
+    assert verifier.verify(_ec_token(issuer, key, "EdDSA"), NOW).subject == "deploy-bot"
+
+
+def test_a_key_of_another_type_or_curve_is_not_used(issuer: idp.Idp) -> None:
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    verifier = AccessTokenVerifier(
+        issuers={ISSUER: StaticKeys(VerificationKey(kid="k2", key=p384.public_key()))},
+        audience=AUDIENCE,
+        algorithms=frozenset({"ES256", "RS256"}),
+    )
+    # ES256 is P-256 only (RFC 7518, section 3.4); RS256 needs an RSA key.
+    p256 = ec.generate_private_key(ec.SECP256R1())
+    _rejects(verifier, _ec_token(issuer, p256, "ES256"), "alg_key_mismatch")
+    _rejects(verifier, issuer.mint(_claims(issuer), kid="k2"), "alg_key_mismatch")
+
+
+def test_every_reason_code_is_named_once() -> None:
+    assert all(code.isidentifier() and code.islower() for code in REASONS)
+
+
 # Robustness.
 
 
@@ -479,7 +697,7 @@ def test_a_non_string_client_or_token_id_is_rejected(
 def test_any_one_character_change_is_rejected_never_crashes(
     issuer: idp.Idp, data: st.DataObject
 ) -> None:
-    verifier = AccessTokenVerifier(issuer=ISSUER, audience=AUDIENCE, keys=StaticKeys(_key(issuer)))
+    verifier = AccessTokenVerifier(issuers={ISSUER: StaticKeys(_key(issuer))}, audience=AUDIENCE)
     token = issuer.mint(_claims(issuer))
     index = data.draw(st.integers(0, len(token) - 1))
     char = data.draw(st.sampled_from("ABCabc0189-_.=+/ "))
@@ -487,6 +705,65 @@ def test_any_one_character_change_is_rejected_never_crashes(
     if mutated != token:
         with pytest.raises(Unauthenticated):
             verifier.verify(mutated, NOW)
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+_CLAIMS = ["iss", "aud", "exp", "iat", "nbf", "sub", "groups", "cid", "client_id", "azp", "jti"]
+_HEADERS = ["alg", "typ", "kid", "crit", "cty", "jku", "x5u", "jwk", "b64"]
+
+
+def _accepted_identity_is_sane(verifier: AccessTokenVerifier, token: str) -> None:
+    try:
+        identity = verifier.verify(token, NOW)
+    except Unauthenticated as exc:
+        rejected = exc.check
+    else:
+        rejected = ""
+    if rejected:
+        assert rejected in REASONS
+        return
+    assert identity.issuer == ISSUER
+    assert identity.subject.isprintable()
+    assert all(isinstance(g, str) for g in identity.groups)
+    assert identity.token_expires_at > NOW - verifier.leeway
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes=st.dictionaries(st.sampled_from(_CLAIMS), _JSON | st.just(_DROP), max_size=4))
+def test_any_claims_are_accepted_sanely_or_rejected_by_a_rule(
+    issuer: idp.Idp, changes: dict[str, Any]
+) -> None:
+    verifier = AccessTokenVerifier(issuers={ISSUER: StaticKeys(_key(issuer))}, audience=AUDIENCE)
+    _accepted_identity_is_sane(verifier, issuer.mint(_claims(issuer, **changes)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(headers=st.dictionaries(st.sampled_from(_HEADERS) | st.text(max_size=6), _JSON, max_size=4))
+def test_any_header_is_accepted_sanely_or_rejected_by_a_rule(
+    issuer: idp.Idp, headers: dict[str, Any]
+) -> None:
+    verifier = AccessTokenVerifier(issuers={ISSUER: StaticKeys(_key(issuer))}, audience=AUDIENCE)
+    _accepted_identity_is_sane(verifier, issuer.mint(_claims(issuer), headers=headers))
+
+
+@settings(max_examples=300, deadline=None)
+@given(segments=st.lists(st.binary(max_size=64), min_size=1, max_size=6))
+def test_any_segments_are_rejected_by_a_rule(issuer: idp.Idp, segments: list[bytes]) -> None:
+    verifier = AccessTokenVerifier(issuers={ISSUER: StaticKeys(_key(issuer))}, audience=AUDIENCE)
+    token = ".".join(_segment(segment) for segment in segments)
+    with pytest.raises(Unauthenticated) as caught:
+        verifier.verify(token, NOW)
+    assert caught.value.check in REASONS
 
 
 def test_peek_reads_unverified_claims_for_the_record(issuer: idp.Idp) -> None:
