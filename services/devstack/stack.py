@@ -36,7 +36,12 @@ EXAMPLES = Path(__file__).parent / "examples"
 
 
 class Stack:
-    """Redis, the dev IdP, audit, verifier, policy and issuer, each its own process."""
+    """Redis, the dev IdP, audit, verifier, policy and issuer, each its own process.
+
+    With oidc_issuer set, the verifier trusts that issuer instead (its TLS
+    checked against oidc_ca_bundle, or the system's CAs when that is None) and
+    the dev IdP is not started: for trying jitgate against another OIDC provider.
+    """
 
     def __init__(
         self,
@@ -45,11 +50,17 @@ class Stack:
         ports: Mapping[str, int] | None = None,
         redis_url: str | None = None,
         env: Mapping[str, str] | None = None,
+        oidc_issuer: str | None = None,
+        oidc_audience: str | None = None,
+        oidc_ca_bundle: Path | None = None,
     ) -> None:
         self.state = state_dir.resolve()
         self.ports = dict(ports) if ports is not None else {n: free_port() for n in DEFAULT_PORTS}
         self.external_redis = redis_url
         self.extra_env = dict(env or {})
+        self.external_oidc_issuer = oidc_issuer
+        self.oidc_audience = oidc_audience
+        self.oidc_ca_bundle = oidc_ca_bundle
         self.pki = pki.DevPki(self.state / "pki")
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.redis: RedisServer | None = None
@@ -82,8 +93,15 @@ class Stack:
         return f"127.0.0.1:{self.ports[name]}"
 
     @property
+    def dev_idp(self) -> bool:
+        """Whether this stack runs the dev IdP (it does unless given another issuer)."""
+        return self.external_oidc_issuer is None
+
+    @property
     def oidc_issuer(self) -> str:
-        """The dev IdP's issuer URL, as an Okta custom authorization server's."""
+        """The issuer the verifier trusts: by default the dev IdP, as an Okta custom server's."""
+        if self.external_oidc_issuer is not None:
+            return self.external_oidc_issuer
         return f"https://127.0.0.1:{self.ports['idp']}/oauth2/default"
 
     def redis_url(self, user: str) -> str:
@@ -128,10 +146,17 @@ class Stack:
         elif name == "verifier":
             env |= {
                 "JITGATE_OIDC_ISSUER": self.oidc_issuer,
-                "JITGATE_OIDC_CA_BUNDLE": str(self.pki.ca),
                 "JITGATE_VERIFIER_SIGNING_KEY": str(keys_dir / "verifier-signing.key"),
                 "JITGATE_AUDIT_ADDR": self.address("audit"),
             }
+            if self.dev_idp:
+                env["JITGATE_OIDC_CA_BUNDLE"] = str(self.pki.ca)
+            elif self.oidc_ca_bundle is not None:
+                env["JITGATE_OIDC_CA_BUNDLE"] = str(self.oidc_ca_bundle)
+            else:
+                env.pop("JITGATE_OIDC_CA_BUNDLE", None)  # the system's CAs
+            if self.oidc_audience is not None:
+                env["JITGATE_OIDC_AUDIENCE"] = self.oidc_audience
         elif name == "policy":
             env |= {
                 "JITGATE_POLICY_FILE": str(self.policy_file),
@@ -170,31 +195,35 @@ class Stack:
                 self.redis.start()
             else:
                 self.redis_users = provision(self.external_redis)
-            files = self.pki.files("idp")
-            self._spawn(
-                "idp",
-                [
-                    "dev-idp",
-                    "serve",
-                    "--dir",
-                    str(self.state / "idp"),
-                    "--listen",
-                    self.address("idp"),
-                    "--tls-cert",
-                    str(files.cert),
-                    "--tls-key",
-                    str(files.key),
-                    "--agents",
-                    str(self.agents_file),
-                ],
-                os.environ,
-            )
-            self.wait_idp(timeout=timeout)
+            if self.dev_idp:
+                self._start_dev_idp(timeout=timeout)
             for name in SERVICES:
                 self.start_service(name, timeout=timeout)
         except BaseException:
             self.stop()
             raise
+
+    def _start_dev_idp(self, *, timeout: float) -> None:
+        files = self.pki.files("idp")
+        self._spawn(
+            "idp",
+            [
+                "dev-idp",
+                "serve",
+                "--dir",
+                str(self.state / "idp"),
+                "--listen",
+                self.address("idp"),
+                "--tls-cert",
+                str(files.cert),
+                "--tls-key",
+                str(files.key),
+                "--agents",
+                str(self.agents_file),
+            ],
+            os.environ,
+        )
+        self.wait_idp(timeout=timeout)
 
     def wait_idp(self, *, timeout: float) -> None:
         """Wait until the dev IdP serves its discovery document."""
@@ -280,6 +309,8 @@ class Stack:
 
     def token(self, agent: str) -> str:
         """An access token for a dev agent, fetched from the dev IdP's token endpoint."""
+        if not self.dev_idp:
+            raise ConfigError("this stack trusts another OIDC issuer; get tokens from it")
         spec = idp.load_agents(self.agents_file)[agent]
         return oauth.client_credentials_token(
             f"{self.oidc_issuer}/v1/token", spec.client_id, spec.secret, ca_file=self.pki.ca
