@@ -1,6 +1,6 @@
 """Latency of the grant path on the real stack, side by side with a one-hop floor.
 
-Run: `make bench` (or `.venv/bin/python bench/grant_path.py [N]`). One client,
+Run: `make bench-grant-path` (or `.venv/bin/python bench/grant_path.py [N]`). One client,
 sequential calls, every process real (issuer, verifier, policy, audit with
 fsync, Redis, all mTLS). Throughput under load is a separate benchmark.
 """
