@@ -463,11 +463,13 @@ def test_groups_that_are_not_a_list_of_strings_are_rejected(
     _rejects(verifier, issuer.mint(_claims(issuer, groups=groups)), "groups_invalid")
 
 
-@pytest.mark.parametrize("claim", ["cid", "jti"])
+@pytest.mark.parametrize("claim", ["cid", "client_id", "azp", "jti"])
 def test_a_non_string_client_or_token_id_is_rejected(
     verifier: AccessTokenVerifier, issuer: idp.Idp, claim: str
 ) -> None:
-    _rejects(verifier, issuer.mint(_claims(issuer, **{claim: 7})), f"{claim}_invalid")
+    # The client id is read from cid, else client_id, else azp.
+    claims = _claims(issuer, cid=_DROP) if claim != "jti" else _claims(issuer)
+    _rejects(verifier, issuer.mint({**claims, claim: 7}), f"{claim}_invalid")
 
 
 # Explicit typing, extensions and nesting (header rules).
