@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:7444"
 DEFAULT_AUDIENCE = "api://default"
+OKTA_DOMAINS = (".okta.com", ".oktapreview.com", ".okta-emea.com", ".okta-gov.com")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,7 +55,15 @@ class OidcSettings:
         for issuer in issuers:
             # The issuer URL carries all the trust in the keys: plain HTTP would
             # let anyone on the path serve their own JWKS.
-            https_url(issuer, "JITGATE_OIDC_ISSUER")
+            parts = https_url(issuer, "JITGATE_OIDC_ISSUER")
+            # Okta's org authorization server issues tokens for Okta's own APIs
+            # (iss = aud = the org URL); agents need a custom one (docs/okta.md).
+            host = (parts.hostname or "").lower()
+            if host.endswith(OKTA_DOMAINS) and "/oauth2/" not in parts.path + "/":
+                raise ConfigError(
+                    f"JITGATE_OIDC_ISSUER {issuer!r} is an Okta org authorization server;"
+                    " use a custom one, e.g. https://<org>/oauth2/<server id>"
+                )
         names = env.names("JITGATE_OIDC_ALGORITHMS", ("RS256",))
         try:
             algorithms = allowed_algorithms(names)
@@ -83,9 +92,12 @@ class OidcSettings:
                 "JITGATE_OIDC_JWKS_MIN_AGE <= JITGATE_OIDC_JWKS_REFRESH"
                 " <= JITGATE_OIDC_JWKS_MAX_AGE <= JITGATE_OIDC_JWKS_MAX_STALE must hold"
             ) from exc
+        audience = env.string("JITGATE_OIDC_AUDIENCE", DEFAULT_AUDIENCE)
+        if audience in issuers:
+            raise ConfigError("JITGATE_OIDC_AUDIENCE must name this API, not an issuer")
         return cls(
             issuers=issuers,
-            audience=env.string("JITGATE_OIDC_AUDIENCE", DEFAULT_AUDIENCE),
+            audience=audience,
             groups_claim=env.string("JITGATE_OIDC_GROUPS_CLAIM", "groups"),
             algorithms=algorithms,
             leeway=env.seconds("JITGATE_OIDC_LEEWAY", 30.0, low=0.0, high=MAX_LEEWAY),
@@ -123,10 +135,7 @@ def create(env: Env, *, clock: Clock = system_clock) -> tuple[Service, list[Jwks
     channel_credentials = tls.channel_credentials(files)
 
     getter = HttpsGetter(ca_bundle=oidc.ca_bundle, timeout=oidc.http_timeout)
-    caches = [
-        JwksCache(issuer=issuer, getter=getter, clock=clock, policy=oidc.cache)
-        for issuer in oidc.issuers
-    ]
+    caches = [JwksCache(issuer=issuer, getter=getter, policy=oidc.cache) for issuer in oidc.issuers]
     tokens = AccessTokenVerifier(
         issuers={cache.issuer: cache for cache in caches},
         audience=oidc.audience,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import http.client
-import json
 import logging
 import re
+import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from collections import Counter
@@ -26,7 +28,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from jitgate.common.clock import Clock, system_clock
+from jitgate.common.clock import Clock
 from jitgate.common.errors import ConfigError, Unavailable
 from jitgate.common.validate import printable
 from jitgate.verifier.tokens import (
@@ -35,6 +37,7 @@ from jitgate.verifier.tokens import (
     PublicKey,
     VerificationKey,
     fits,
+    loads_strict,
 )
 
 log = logging.getLogger(__name__)
@@ -125,47 +128,72 @@ class HttpsGetter:
         return self.fetch(url).document
 
     def fetch(self, url: str) -> Fetched:
-        """Return the JSON object at url and how long it may be cached. Blocking."""
+        """Return the JSON object at url and how long it may be cached. Blocking.
+
+        The whole fetch (connect, TLS, headers, body) ends by `timeout`: a
+        watchdog shuts the socket at the deadline, so a server that drips its
+        headers or body a byte at a time cannot hold the fetch open longer.
+        """
         try:
             parts = https_url(url, "URL")
         except ConfigError as exc:
             raise Unavailable("oidc", str(exc)) from exc
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        deadline = time.monotonic() + self.timeout
         connection = http.client.HTTPSConnection(
             parts.hostname or "", parts.port or 443, context=self._context, timeout=self.timeout
         )
+        expired = threading.Event()
+        opened: list[socket.socket] = []
+
+        def cut() -> None:
+            expired.set()
+            # Our own reference: http.client drops connection.sock once a
+            # response says it will close, while the response still reads it.
+            for sock in opened:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        watchdog = threading.Timer(self.timeout, cut)
+        watchdog.daemon = True
+        watchdog.start()
         try:
+            connection.connect()
+            opened.append(connection.sock)
+            if expired.is_set():  # the deadline passed while connecting
+                cut()
             connection.request("GET", path, headers={"Accept": "application/json"})
             response = connection.getresponse()
             # http.client never follows redirects, and neither do we: a 3xx is
             # an answer we do not accept, not a pointer to another host.
             if response.status != 200:
                 raise Unavailable("oidc", f"GET {url} answered {response.status}")
-            body = self._read(response, deadline, url)
+            body = self._read(response)
             max_age = cache_max_age(response.headers.get_all("Cache-Control") or [])
         except (OSError, http.client.HTTPException, ValueError) as exc:
+            if expired.is_set():
+                raise Unavailable("oidc", f"GET {url}: slower than {self.timeout}s") from exc
             raise Unavailable("oidc", f"GET {url}: {type(exc).__name__}: {exc}") from exc
         finally:
+            watchdog.cancel()
             connection.close()
+        if expired.is_set():  # the body may have been cut short: never parse half a key set
+            raise Unavailable("oidc", f"GET {url}: slower than {self.timeout}s")
         try:
-            document = json.loads(body)
+            document = loads_strict(body)
         except (ValueError, RecursionError) as exc:
             raise Unavailable("oidc", f"GET {url}: not JSON") from exc
         if not isinstance(document, dict):
             raise Unavailable("oidc", f"GET {url}: not a JSON object")
         return Fetched(document=document, max_age=max_age)
 
-    def _read(self, response: http.client.HTTPResponse, deadline: float, url: str) -> bytes:
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
         body = b""
         while len(body) <= self.max_bytes:
-            if time.monotonic() > deadline:
-                raise Unavailable("oidc", f"GET {url}: slower than {self.timeout}s")
             chunk = response.read1(16 * 1024)
             if not chunk:
                 return body
             body += chunk
-        raise Unavailable("oidc", f"GET {url}: larger than {self.max_bytes} bytes")
+        raise Unavailable("oidc", f"{len(body)} bytes, larger than {self.max_bytes}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,7 +252,7 @@ def _public_key(jwk: Mapping[str, Any]) -> PublicKey:
         return rsa.RSAPublicNumbers(e, n).public_key()
     if kty == "EC":
         crv = jwk.get("crv")
-        if crv not in _CURVES:
+        if not isinstance(crv, str) or crv not in _CURVES:
             raise ValueError(f"crv {repr(crv)[:20]} is not a supported curve")
         curve, size = _CURVES[crv]
         x, y = (int.from_bytes(_bytes(jwk.get(c), size), "big") for c in ("x", "y"))
@@ -253,7 +281,9 @@ def _verification_key(jwk: Mapping[str, Any]) -> VerificationKey:
         raise ValueError("key_ops does not include verify")
     key = _public_key(jwk)
     alg = jwk.get("alg")
-    if alg is not None and (alg not in ALGORITHMS or not fits(alg, key)):
+    if alg is not None and (
+        not isinstance(alg, str) or alg not in ALGORITHMS or not fits(alg, key)
+    ):
         raise ValueError(f"alg {repr(alg)[:20]} is not a signature algorithm for this key")
     return VerificationKey(kid=kid, key=key, alg=alg)
 
@@ -279,8 +309,8 @@ def parse_jwks(document: Mapping[str, Any]) -> dict[str, VerificationKey]:
             continue
         try:
             key = _verification_key(entry)
-        except ValueError as exc:
-            log.warning("JWKS key %r ignored: %s", name, exc)
+        except Exception as exc:  # one bad entry never costs the others: it is skipped
+            log.warning("JWKS key %r ignored: %s", name, printable(str(exc), 200))
             continue
         keys[key.kid] = key
     return keys
@@ -319,10 +349,14 @@ class CachePolicy:
 class JwksCache:
     """One issuer's signing keys by kid, refreshed on schedule and on an unknown kid.
 
-    A refresh prompted by an unknown kid happens at most once per cooldown,
-    whatever the number of concurrent requests: a flood of tokens with random
-    kids cannot turn the verifier into a load generator against the IdP. A
-    failed refresh keeps the last good keys, until they are `max_stale` old.
+    One fetch at a time, shared: every caller that needs a refresh while one
+    is running waits for that one (and a caller that gives up or is cancelled
+    leaves it running for the others). A refresh prompted by an unknown kid
+    starts at most once per cooldown after the last one ended, so a flood of
+    tokens with random kids cannot turn the verifier into a load generator
+    against the IdP. A failed refresh keeps the last good keys, until they are
+    `max_stale` old. Times here are monotonic: a wall clock stepped back must
+    not make old keys look fresh.
     """
 
     def __init__(
@@ -330,7 +364,7 @@ class JwksCache:
         *,
         issuer: str,
         getter: HttpsGetter,
-        clock: Clock = system_clock,
+        clock: Clock = time.monotonic,
         policy: CachePolicy | None = None,
     ) -> None:
         https_url(issuer, "OIDC issuer")
@@ -338,6 +372,8 @@ class JwksCache:
         self._getter = getter
         self._clock = clock
         self._policy = policy or CachePolicy()
+        # Discovery and the JWKS are two fetches, each bounded by the getter.
+        self._wait_limit = 2 * getter.timeout + 1.0
         self._keys: dict[str, VerificationKey] = {}
         self._metadata: ProviderMetadata | None = None
         self._fetched_at: float | None = None
@@ -345,7 +381,7 @@ class JwksCache:
         self._last_attempt: float | None = None
         self._last_ok = False
         self._last_error = "keys not loaded yet"
-        self._lock = asyncio.Lock()
+        self._running: asyncio.Task[bool] | None = None
 
     @property
     def issuer(self) -> str:
@@ -368,34 +404,46 @@ class JwksCache:
         if self._last_attempt is None:
             return 0.0
         if not self._last_ok:
-            wait = self._policy.unknown_kid_cooldown if self._keys else self._policy.retry_interval
-            return max(0.0, self._last_attempt + wait - now)
+            return max(0.0, self._last_attempt + self._retry_wait(now) - now)
         assert self._fetched_at is not None
         return max(0.0, self._fetched_at + self._lifetime - now)
 
     async def ensure(self, kid: str) -> None:
-        """Refresh once for an unknown kid unless one was tried within the cooldown.
+        """Refresh once for an unknown kid unless one ended within the cooldown.
 
-        Raises Unavailable when no fresh keys are held: the verifier cannot
-        tell good tokens from bad ones, so it fails closed.
+        Raises Unavailable when no fresh keys are held, or when the kid is
+        still unknown and the last refresh failed: a token signed by a key the
+        IdP just rotated in must hear "try again", not "bad token".
         """
-        async with self._lock:
-            now = self._clock()
-            if kid in self._keys and self._fresh(now):
-                return  # a concurrent request's refresh brought it in
-            # With no usable keys (start-up, IdP down too long) retry sooner,
-            # still single-flight.
-            fresh = self._fresh(now)
-            wait = self._policy.unknown_kid_cooldown if fresh else self._policy.retry_interval
-            if self._last_attempt is None or now - self._last_attempt >= wait:
-                await self._refresh(now)
-            if not self._fresh(self._clock()):
-                raise Unavailable("jwks", self._unusable_reason())
+        now = self._clock()
+        if kid in self._keys and self._fresh(now):
+            return
+        fresh = self._fresh(now)
+        wait = self._policy.unknown_kid_cooldown if fresh else self._retry_wait(now)
+        if self._running is None and (
+            self._last_attempt is None or now - self._last_attempt >= wait
+        ):
+            self._start()
+        if self._running is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._running), self._wait_limit)
+            except TimeoutError:
+                raise Unavailable(
+                    "jwks", f"{self._issuer} is slower than {self._wait_limit}s"
+                ) from None
+        if not self._fresh(self._clock()):
+            raise Unavailable("jwks", self._unusable_reason())
+        if kid not in self._keys and not self._last_ok:
+            raise Unavailable(
+                "jwks", f"kid {kid[:80]!r} unknown and refresh failing: {self._last_error}"
+            )
 
     async def refresh(self) -> bool:
-        """Fetch the keys now; return whether that worked. A failure keeps the old keys."""
-        async with self._lock:
-            return await self._refresh(self._clock())
+        """Fetch the keys now (or join the fetch running); whether it worked. Failure keeps keys."""
+        if self._running is None:
+            self._start()
+        assert self._running is not None
+        return await asyncio.shield(self._running)
 
     async def run(self) -> None:
         """Refresh whenever due until cancelled: on schedule, and sooner while failing."""
@@ -403,6 +451,24 @@ class JwksCache:
             if self.due_in() <= 0:
                 await self.refresh()
             await asyncio.sleep(max(self.due_in(), 0.05))
+
+    def _retry_wait(self, now: float) -> float:
+        # Usable keys: no hurry, retry at the cooldown. None (start-up, or past
+        # max_stale): every request fails, so retry at the short interval.
+        if self._fresh(now):
+            return self._policy.unknown_kid_cooldown
+        return self._policy.retry_interval
+
+    def _start(self) -> None:
+        self._running = asyncio.create_task(self._attempt(), name=f"jwks {self._issuer}")
+
+    async def _attempt(self) -> bool:
+        try:
+            return await self._refresh()
+        finally:
+            # The cooldown runs from the end of an attempt, however long it took.
+            self._last_attempt = self._clock()
+            self._running = None
 
     def _fresh(self, now: float) -> bool:
         return (
@@ -416,8 +482,7 @@ class JwksCache:
             return f"keys last fetched over {self._policy.max_stale:.0f}s ago: {self._last_error}"
         return self._last_error
 
-    async def _refresh(self, now: float) -> bool:
-        self._last_attempt = now
+    async def _refresh(self) -> bool:
         try:
             metadata = self._metadata
             if metadata is None:

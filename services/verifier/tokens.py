@@ -35,6 +35,9 @@ DEFAULT_MAX_LIFETIME = 24 * 3600.0
 """No access token should live longer than a day; Okta's ceiling is 24 h."""
 MAX_SUBJECT_CHARS = 256
 MAX_KID_CHARS = 256
+MAX_LABEL_CHARS = 256
+"""Client ids, token ids and group names: far longer than any IdP issues."""
+MAX_GROUPS = 256
 CLAIMED_CHARS = 200
 """How much of an unverified claim a rejection record keeps."""
 
@@ -177,12 +180,13 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def loads_strict(text: str | bytes) -> Any:
+    """Return parsed JSON, refusing duplicate members and NaN/Infinity; ValueError otherwise."""
+    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+
+
 def _json_object(segment: str) -> dict[str, Any]:
-    value = json.loads(
-        _b64url(segment).decode("utf-8"),
-        object_pairs_hook=_no_duplicates,
-        parse_constant=_no_constants,
-    )
+    value = loads_strict(_b64url(segment).decode("utf-8"))
     if not isinstance(value, dict):
         raise ValueError("not a JSON object")
     return value
@@ -238,7 +242,8 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
     # Python, and NaN or infinity would make every comparison false.
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise Unauthenticated(f"{name}_invalid", f"{name} is not a number")
-    # Range first: math.isfinite raises OverflowError on an int like 10**400.
+    # Only floats can be non-finite (math.isfinite would overflow on an int
+    # like 10**400, which the range check below rejects instead).
     if isinstance(value, float) and not math.isfinite(value):
         raise Unauthenticated(f"{name}_invalid", f"{name} is not a number")
     if not 0 <= value <= MAX_NUMERIC_DATE:
@@ -246,13 +251,20 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
     return float(value)
 
 
+def _label(value: Any) -> bool:
+    # What ends up in logs, Redis, assertions and the audit log: a bounded,
+    # printable string (no control, bidi-override or lone surrogate characters,
+    # which have no UTF-8 form and would fail later, far from this check).
+    return isinstance(value, str) and len(value) <= MAX_LABEL_CHARS and value.isprintable()
+
+
 def _optional_string(claims: Mapping[str, Any], *names: str) -> str:
     for name in names:
         if name in claims:
             value = claims[name]
-            if not isinstance(value, str):
-                raise Unauthenticated(f"{name}_invalid", f"{name} is not a string")
-            return value
+            if not _label(value):
+                raise Unauthenticated(f"{name}_invalid", f"{name} is not a printable string")
+            return str(value)
     return ""
 
 
@@ -291,6 +303,11 @@ class AccessTokenVerifier:
             raise ValueError("at least one issuer is required")
         if not self.audience or not self.groups_claim:
             raise ValueError("audience and groups_claim are required")
+        # A token whose aud is its own iss is meant for the IdP itself (Okta's
+        # org authorization server); an audience equal to an issuer would
+        # accept those, so it is refused here rather than special-cased.
+        if self.audience in self.issuers:
+            raise ValueError("the audience must name this API, not an issuer")
         if not 60 <= self.max_lifetime <= 7 * 24 * 3600:
             raise ValueError("max_lifetime must be 60 seconds to 7 days")
         # Only the allowed algorithms are instantiated: even a bug elsewhere
@@ -359,8 +376,10 @@ class AccessTokenVerifier:
         # The key comes from the issuer's JWKS by kid, never from the token
         # itself: jku, x5u, jwk and x5c are ignored (RFC 8725, section 3.10).
         kid = header.get("kid")
-        if not isinstance(kid, str) or not kid:
+        if kid is None or kid == "":
             raise Unauthenticated("kid_missing")
+        if not isinstance(kid, str):
+            raise Unauthenticated("kid_invalid", "kid is not a string")
         if len(kid) > MAX_KID_CHARS or not kid.isprintable():
             raise Unauthenticated("kid_invalid", "kid is too long or not printable")
         return alg, kid
@@ -383,7 +402,7 @@ class AccessTokenVerifier:
             raise Unauthenticated("id_token", "aud is the client id")
         # Okta's org authorization server issues tokens for Okta's own APIs,
         # with iss and aud both the org URL; they are not for third parties.
-        if isinstance(iss, str) and iss in audiences and iss != self.audience:
+        if isinstance(iss, str) and iss in audiences:
             raise Unauthenticated("org_authorization_server", repr(iss)[:120])
         # iss is compared exactly: no prefix, substring or case folding
         # (RFC 7519, section 4.1.1; CVE-2024-53861 was a substring match).
@@ -468,6 +487,8 @@ class AccessTokenVerifier:
         groups = claims.get(self.groups_claim, [])
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise Unauthenticated("groups_invalid", f"{self.groups_claim} is not a list of strings")
+        if len(groups) > MAX_GROUPS or not all(_label(g) for g in groups):
+            raise Unauthenticated("groups_invalid", f"{self.groups_claim}: too many or unprintable")
         return Identity(
             subject=subject,
             # Okta names the client in `cid`; other issuers use client_id (RFC
