@@ -41,6 +41,18 @@ class AuditClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, "audit") from exc
 
+    async def checkpoints(
+        self, from_size: int = 0, *, timeout: float
+    ) -> list[audit_pb2.Checkpoint]:
+        """Return every signed checkpoint from from_size on (auditor identity only)."""
+        try:
+            call = self._stub.ListCheckpoints(
+                audit_pb2.ListCheckpointsRequest(from_size=from_size), timeout=timeout
+            )
+            return [checkpoint async for checkpoint in call]
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, "audit") from exc
+
     async def close(self) -> None:
         """Close the channel."""
         await self._channel.close(grace=None)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 
+from jitgate.audit import checkpoint
 from jitgate.audit.servicer import ACL, AuditServicer
 from jitgate.audit.store import SqliteStore, StoreError
 from jitgate.audit.writer import Writer
@@ -27,6 +28,11 @@ DEFAULT_LISTEN = "127.0.0.1:7446"
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 
 
+def default_origin(trust_domain: str) -> str:
+    """The log's name in its checkpoints unless JITGATE_AUDIT_ORIGIN says otherwise."""
+    return f"{trust_domain}/audit"
+
+
 async def build(env: Env) -> tuple[Service, Writer]:
     """Open the log; return the service, not yet started, whose cleanup closes the writer."""
     listen = env.address("JITGATE_LISTEN", DEFAULT_LISTEN)
@@ -38,7 +44,18 @@ async def build(env: Env) -> tuple[Service, Writer]:
             f"JITGATE_TRUST_DOMAIN={trust_domain!r} is not a trust domain name;"
             " use lowercase letters, digits, '.', '-' and '_'"
         )
-    writer = Writer(open_store=lambda: SqliteStore.open(path), clock=system_clock)
+    origin = env.string("JITGATE_AUDIT_ORIGIN", default_origin(trust_domain))
+    try:
+        signer = checkpoint.load_signer(origin, env.path("JITGATE_AUDIT_SIGNING_KEY"))
+    except checkpoint.InvalidKey as exc:
+        raise ConfigError(f"JITGATE_AUDIT_ORIGIN: {exc}") from exc
+    max_bytes = env.integer("JITGATE_AUDIT_MAX_BYTES", 0, low=0, high=2**62)
+    writer = Writer(
+        open_store=lambda: SqliteStore.open(path, max_bytes=max_bytes or None),
+        signer=signer,
+        origin=origin,
+        clock=system_clock,
+    )
     try:
         await writer.start()
     except StoreError as exc:
@@ -52,7 +69,8 @@ async def build(env: Env) -> tuple[Service, Writer]:
     def register(server: grpc.aio.Server) -> None:
         audit_pb2_grpc.add_AuditServicer_to_server(servicer, server)
 
-    log.info("audit log at %s", path)
+    vkey = checkpoint.verifier_key_string(origin, signer.private_key.public_key())
+    log.info("audit log at %s; its checkpoints verify with %s", path, vkey)
     service = Service(
         name="audit",
         listen=listen,

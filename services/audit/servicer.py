@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import json_format
 
 from jitgate.audit.record import StoredRecord, parse, parse_time
-from jitgate.audit.store import Store, StoreError
+from jitgate.audit.store import Store, StoredCheckpoint, StoreError
 from jitgate.audit.writer import Writer
 from jitgate.common.errors import InvalidArgument, PermissionDenied, Unavailable
 from jitgate.common.identity import DEFAULT_TRUST_DOMAIN, spiffe_id
@@ -18,19 +18,29 @@ from jitgate.common.rpc import caller
 from jitgate.v1 import audit_pb2, audit_pb2_grpc
 
 log = logging.getLogger(__name__)
+T = TypeVar("T", StoredRecord, StoredCheckpoint)
 
+_HASH_READERS = frozenset({"auditor", "verifier", "policy", "proxy"})
 ACL: dict[str, frozenset[str]] = {
-    "/jitgate.v1.Audit/Append": frozenset({"verifier", "policy"}),
+    "/jitgate.v1.Audit/Append": frozenset({"verifier", "policy", "proxy"}),
     "/jitgate.v1.Audit/Read": frozenset({"auditor"}),
+    "/jitgate.v1.Audit/ListCheckpoints": frozenset({"auditor"}),
+    "/jitgate.v1.Audit/GetCheckpoint": _HASH_READERS,
+    "/jitgate.v1.Audit/GetInclusionProof": _HASH_READERS,
+    "/jitgate.v1.Audit/GetConsistencyProof": _HASH_READERS,
 }
-"""Who may call what: only the core zone appends, only the auditor reads."""
+"""Who may call what: only the core zone appends, only the auditor reads records and
+exports; checkpoints and proofs, which are hashes and nothing else, also serve
+the core services that hold receipts."""
 ALLOWED_KINDS: dict[str, frozenset[str]] = {
     "verifier": frozenset({"token_rejected"}),
     "policy": frozenset({"decision", "revocation"}),
+    "proxy": frozenset({"redemption", "session_closed"}),
 }
 """The event kinds each workload may append: a service speaks only for itself."""
 MAX_EVENT_BYTES = 16 * 1024
 READ_PAGE = 256
+EVENT_KINDS = tuple(f.name for f in audit_pb2.AuditEvent.DESCRIPTOR.oneofs_by_name["kind"].fields)
 
 
 def allowed_kind(workload: str, kind: str) -> None:
@@ -47,7 +57,7 @@ def event_kind(event: audit_pb2.AuditEvent) -> str:
     """Return the kind of a well-formed event, or raise InvalidArgument naming the rule."""
     kind = event.WhichOneof("kind")
     if kind is None:
-        raise InvalidArgument("event", "must set one of token_rejected, decision, revocation")
+        raise InvalidArgument("event", f"must set one of {', '.join(EVENT_KINDS)}")
     if event.ByteSize() > MAX_EVENT_BYTES:
         raise InvalidArgument("event", f"must be at most {MAX_EVENT_BYTES} bytes serialized")
     return kind
@@ -113,27 +123,102 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
             receipt = await self._writer.append(spiffe_id(workload, self._trust_domain), body)
         except StoreError as exc:
             raise Unavailable("audit store", str(exc)) from exc
-        return audit_pb2.AppendResponse(index=receipt.index, record_hash=receipt.record_hash)
+        return audit_pb2.AppendResponse(
+            index=receipt.index,
+            record_hash=receipt.record_hash,
+            leaf_hash=receipt.leaf_hash,
+            checkpoint_size=receipt.checkpoint_size,
+        )
+
+    async def GetCheckpoint(
+        self, request: audit_pb2.GetCheckpointRequest, context: Any
+    ) -> audit_pb2.Checkpoint:
+        """Return the latest signed checkpoint."""
+        latest = self._writer.latest
+        if latest is None:
+            raise Unavailable("audit store", "the log is not open")
+        return checkpoint_message(latest)
+
+    async def ListCheckpoints(
+        self, request: audit_pb2.ListCheckpointsRequest, context: Any
+    ) -> AsyncIterator[audit_pb2.Checkpoint]:
+        """Stream every checkpoint of size from_size or more, smallest first."""
+        async for page in self._pages(
+            lambda store, at: store.checkpoints(at, READ_PAGE), request.from_size
+        ):
+            for stored in page:
+                yield checkpoint_message(stored)
+
+    async def GetInclusionProof(
+        self, request: audit_pb2.InclusionProofRequest, context: Any
+    ) -> audit_pb2.InclusionProof:
+        """Return the proof that the record at index is in the tree of tree_size."""
+        if not request.index < request.tree_size:
+            raise InvalidArgument("index", "must be less than tree_size")
+        try:
+            leaf, hashes = self._writer.inclusion_proof(request.index, request.tree_size)
+        except ValueError as exc:
+            raise InvalidArgument("tree_size", str(exc)) from exc
+        return audit_pb2.InclusionProof(
+            index=request.index, tree_size=request.tree_size, leaf_hash=leaf, hashes=hashes
+        )
+
+    async def GetConsistencyProof(
+        self, request: audit_pb2.ConsistencyProofRequest, context: Any
+    ) -> audit_pb2.ConsistencyProof:
+        """Return the proof that the tree of old_size is a prefix of the tree of new_size."""
+        if not 0 < request.old_size <= request.new_size:
+            raise InvalidArgument("old_size", "must be at least 1 and at most new_size")
+        try:
+            hashes = self._writer.consistency_proof(request.old_size, request.new_size)
+        except ValueError as exc:
+            raise InvalidArgument("new_size", str(exc)) from exc
+        return audit_pb2.ConsistencyProof(
+            old_size=request.old_size, new_size=request.new_size, hashes=hashes
+        )
 
     async def Read(
         self, request: audit_pb2.ReadRequest, context: Any
     ) -> AsyncIterator[audit_pb2.AuditRecord]:
         """Stream records from from_index to the end of the log."""
+        async for page in self._pages(
+            lambda store, at: store.read(at, READ_PAGE), request.from_index
+        ):
+            for stored in page:
+                yield to_message(stored)
+
+    async def _pages(
+        self, read: Callable[[Store, int], list[T]], start: int
+    ) -> AsyncIterator[list[T]]:
+        """Yield pages read from a read-only store, each a thread hop, until one is short."""
         try:
             store = await asyncio.to_thread(self._open_reader)
         except StoreError as exc:
             raise Unavailable("audit store", str(exc)) from exc
         try:
-            position = request.from_index
+            position = start
             while True:
                 try:
-                    page = await asyncio.to_thread(store.read, position, READ_PAGE)
+                    page = await asyncio.to_thread(read, store, position)
                 except StoreError as exc:
                     raise Unavailable("audit store", str(exc)) from exc
-                for stored in page:
-                    yield to_message(stored)
+                yield page
                 if len(page) < READ_PAGE:
                     return
-                position = page[-1].index + 1
+                position = _position(page[-1]) + 1
         finally:
             store.close()
+
+
+def _position(item: StoredRecord | StoredCheckpoint) -> int:
+    return item.size if isinstance(item, StoredCheckpoint) else item.index
+
+
+def checkpoint_message(stored: StoredCheckpoint) -> audit_pb2.Checkpoint:
+    """Return the wire form of a stored checkpoint."""
+    message = audit_pb2.Checkpoint(size=stored.size, root_hash=stored.root, note=stored.note)
+    try:
+        message.time.FromDatetime(parse_time(stored.time))
+    except ValueError as exc:
+        log.warning("checkpoint %d has an unreadable time: %s", stored.size, exc)
+    return message

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 APPLICATION_ID = 0x6A674155
 """Marks a SQLite file as a jitgate audit log ("jgAU"), so no other file is written to."""
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: records; 2: and signed checkpoints, written in the same transaction as their records."""
 _MAX_INDEX = 2**63 - 1  # SQLite integers are signed 64-bit
 
 # Only INSERT and SELECT appear in this module. The triggers are defence in
@@ -43,6 +44,24 @@ _SCHEMA = (
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END
     """,
     f"PRAGMA application_id = {APPLICATION_ID}",
+)
+_CHECKPOINTS = (
+    """
+    CREATE TABLE checkpoints (
+        size INTEGER PRIMARY KEY CHECK (size >= 0),
+        root BLOB NOT NULL CHECK (length(root) = 32),
+        time TEXT NOT NULL,
+        note TEXT NOT NULL
+    ) STRICT
+    """,
+    """
+    CREATE TRIGGER checkpoints_no_update BEFORE UPDATE ON checkpoints
+    BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END
+    """,
+    """
+    CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON checkpoints
+    BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END
+    """,
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 _INSERT = "INSERT INTO records (idx, time, caller, kind, canonical, hash) VALUES (?, ?, ?, ?, ?, ?)"
@@ -50,6 +69,11 @@ _SELECT = (
     "SELECT idx, time, caller, kind, canonical, hash FROM records"
     " WHERE idx >= ? ORDER BY idx LIMIT ?"
 )
+_INSERT_CHECKPOINT = "INSERT INTO checkpoints (size, root, time, note) VALUES (?, ?, ?, ?)"
+_SELECT_CHECKPOINTS = (
+    "SELECT size, root, time, note FROM checkpoints WHERE size >= ? ORDER BY size LIMIT ?"
+)
+_LATEST_CHECKPOINT = "SELECT size, root, time, note FROM checkpoints ORDER BY size DESC LIMIT 1"
 
 
 class StoreError(JitgateError):
@@ -64,6 +88,16 @@ class Head:
     record_hash: bytes = GENESIS
 
 
+@dataclass(frozen=True, kw_only=True)
+class StoredCheckpoint:
+    """A signed checkpoint as stored: the tree size and root it commits to, and the note."""
+
+    size: int
+    root: bytes
+    time: str
+    note: str
+
+
 class Store(Protocol):
     """What the writer and readers need from a store; a PostgreSQL one can stand in."""
 
@@ -71,12 +105,24 @@ class Store(Protocol):
         """Return the end of the log as durably stored."""
         ...
 
-    def append(self, records: Sequence[StoredRecord]) -> Head:
-        """Store records, which continue the log, in one durable transaction."""
+    def append(self, records: Sequence[StoredRecord], checkpoint: StoredCheckpoint) -> Head:
+        """Store records, which continue the log, and the checkpoint of the log they end.
+
+        One durable transaction: the records and the checkpoint covering them
+        are on disk together, or neither is.
+        """
         ...
 
     def read(self, from_index: int, limit: int) -> list[StoredRecord]:
         """Return up to limit records from from_index on, in index order."""
+        ...
+
+    def checkpoints(self, from_size: int, limit: int) -> list[StoredCheckpoint]:
+        """Return up to limit checkpoints of size from_size or more, smallest first."""
+        ...
+
+    def latest_checkpoint(self) -> StoredCheckpoint | None:
+        """Return the checkpoint of the largest size, if there is one."""
         ...
 
     def close(self) -> None:
@@ -107,8 +153,15 @@ class SqliteStore:
         self._head: Head | None = None
 
     @classmethod
-    def open(cls, path: Path, *, read_only: bool = False) -> SqliteStore:
-        """Open (and when writable, create) the audit log at path."""
+    def open(
+        cls, path: Path, *, read_only: bool = False, max_bytes: int | None = None
+    ) -> SqliteStore:
+        """Open (and when writable, create) the audit log at path.
+
+        max_bytes caps the database file: an append that would grow it further
+        fails (SQLITE_FULL) and is refused, as on a full disk, rather than
+        filling the disk the rest of the machine needs.
+        """
         try:
             if read_only:
                 # mode=ro: SQLite refuses every write on this connection, so a
@@ -127,6 +180,9 @@ class SqliteStore:
         store = cls(connection=db, path=path, read_only=read_only)
         try:
             store._prepare()
+            if max_bytes is not None:
+                page = int(db.execute("PRAGMA page_size").fetchone()[0])
+                db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page)}")
         except sqlite3.Error as exc:
             db.close()
             raise StoreError(f"cannot open {path}: {exc}") from exc
@@ -145,11 +201,21 @@ class SqliteStore:
             db.execute("BEGIN IMMEDIATE")
             # Another process may have created the log while this one waited.
             if db.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
-                for statement in _SCHEMA:
+                for statement in (*_SCHEMA, *_CHECKPOINTS):
                     db.execute(statement)
                 log.info("created audit log %s", self.path)
             db.execute("COMMIT")
         version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 1 and not self.read_only:
+            # A log from before checkpoints: its records stay as they are; the
+            # first append signs a checkpoint covering them too.
+            db.execute("BEGIN IMMEDIATE")
+            if db.execute("PRAGMA user_version").fetchone()[0] == 1:
+                for statement in _CHECKPOINTS:
+                    db.execute(statement)
+                log.info("audit log %s: added the checkpoints table (schema 2)", self.path)
+            db.execute("COMMIT")
+            version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             raise StoreError(f"{self.path} has schema version {version}, not {SCHEMA_VERSION}")
         if not self.read_only:
@@ -176,26 +242,27 @@ class SqliteStore:
                 raise StoreError(f"cannot read the head of {self.path}: {exc}") from exc
         return self._head
 
-    def append(self, records: Sequence[StoredRecord]) -> Head:
-        """Insert records in one BEGIN IMMEDIATE ... COMMIT: one fsync for the batch."""
+    def append(self, records: Sequence[StoredRecord], checkpoint: StoredCheckpoint) -> Head:
+        """Insert records and their checkpoint in one BEGIN IMMEDIATE ... COMMIT: one fsync."""
         if self.read_only:
             raise StoreError(f"{self.path} is open read-only")
         head = self.head()
-        if not records:
-            return head
-        for offset, item in enumerate(records):
-            if item.index != head.size + offset:
-                raise ValueError(f"record {item.index} does not continue a log of {head.size}")
+        check_continues(head, records, checkpoint)
         rows = [(r.index, r.time, r.caller, r.kind, r.canonical, r.record_hash) for r in records]
         try:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(_INSERT, rows)
+            self._db.execute(
+                _INSERT_CHECKPOINT,
+                (checkpoint.size, checkpoint.root, checkpoint.time, checkpoint.note),
+            )
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._abandon()
             raise StoreError(f"append of {len(rows)} records failed: {exc}") from exc
-        self._head = Head(size=records[-1].index + 1, record_hash=records[-1].record_hash)
-        return self._head
+        if records:
+            self._head = Head(size=records[-1].index + 1, record_hash=records[-1].record_hash)
+        return self.head()
 
     def _abandon(self) -> None:
         # After a failed COMMIT the batch may or may not be on disk (an fsync
@@ -230,9 +297,60 @@ class SqliteStore:
             for idx, time, caller, kind, canonical, digest in rows
         ]
 
+    def checkpoints(self, from_size: int, limit: int) -> list[StoredCheckpoint]:
+        """Return up to limit checkpoints of size from_size or more, smallest first."""
+        if from_size > _MAX_INDEX or limit <= 0:
+            return []
+        try:
+            rows = self._db.execute(_SELECT_CHECKPOINTS, (max(from_size, 0), limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the checkpoints of {self.path}: {exc}") from exc
+        return [_checkpoint(row) for row in rows]
+
+    def latest_checkpoint(self) -> StoredCheckpoint | None:
+        """Return the checkpoint of the largest size, if there is one."""
+        try:
+            row = self._db.execute(_LATEST_CHECKPOINT).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the checkpoints of {self.path}: {exc}") from exc
+        return None if row is None else _checkpoint(row)
+
     def close(self) -> None:
         """Close the connection; a writable store checkpoints its WAL first."""
         self._db.close()
+
+
+def _checkpoint(row: Sequence[object]) -> StoredCheckpoint:
+    size, root, time, note = row
+    return StoredCheckpoint(
+        size=int(str(size)), root=_blob(root), time=_text(time), note=_text(note)
+    )
+
+
+def check_continues(
+    head: Head, records: Sequence[StoredRecord], checkpoint: StoredCheckpoint
+) -> None:
+    """Raise ValueError unless records continue a log at head and checkpoint is its new size."""
+    for offset, item in enumerate(records):
+        if item.index != head.size + offset:
+            raise ValueError(f"record {item.index} does not continue a log of {head.size}")
+    if checkpoint.size != head.size + len(records):
+        raise ValueError(
+            f"a checkpoint of size {checkpoint.size} does not end a log of"
+            f" {head.size + len(records)}"
+        )
+
+
+def iter_checkpoints(
+    store: Store, from_size: int = 0, *, page: int = 1000
+) -> Iterator[StoredCheckpoint]:
+    """Yield every checkpoint from from_size on, smallest first, a page at a time."""
+    while True:
+        batch = store.checkpoints(from_size, page)
+        yield from batch
+        if len(batch) < page:
+            return
+        from_size = batch[-1].size + 1
 
 
 def iter_records(store: Store, from_index: int = 0, *, page: int = 1000) -> Iterator[StoredRecord]:

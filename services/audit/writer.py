@@ -1,4 +1,10 @@
-"""Group commit: one thread owns the store; appends queued meanwhile share one transaction."""
+"""The sequencer: one thread owns the store and the Merkle tree; queued appends share a commit.
+
+Each batch gets contiguous indices, extends the tree, and is stored with a
+checkpoint of the new tree signed by the audit key, in one transaction and one
+fsync. An append is acknowledged only after that commit: its receipt names a
+durable, signed checkpoint that covers it.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +17,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from jitgate.audit.checkpoint import Checkpoint, NoteSigner
+from jitgate.audit.merkle import Tree, leaf_hash
 from jitgate.audit.record import StoredRecord, format_time, seal
-from jitgate.audit.store import Store, StoreError
+from jitgate.audit.store import Store, StoredCheckpoint, StoreError, iter_records
 from jitgate.common.clock import Clock, system_clock
 
 log = logging.getLogger(__name__)
@@ -29,12 +37,18 @@ class WriterClosed(StoreError):
     """The writer is not running, so nothing more can become durable."""
 
 
+class LogMismatch(StoreError):
+    """The stored records do not hash to the root of the stored checkpoint: tampering."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Receipt:
-    """Proof that a record is durable: its index and the SHA-256 of its canonical bytes."""
+    """Proof that a record is durable: its index, hashes, and a signed checkpoint covering it."""
 
     index: int
     record_hash: bytes
+    leaf_hash: bytes
+    checkpoint_size: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,14 +80,25 @@ class Writer:
         self,
         *,
         open_store: Callable[[], Store],
+        signer: NoteSigner,
+        origin: str,
         clock: Clock = system_clock,
         max_queue: int = MAX_QUEUE,
         max_batch: int = MAX_BATCH,
     ) -> None:
         if max_queue < 1 or max_batch < 1:
             raise ValueError("max_queue and max_batch must be positive")
+        Checkpoint(origin=origin, size=0, root=bytes(32))  # checks the origin now, not per batch
         self._open_store = open_store
+        self._signer = signer
+        self._origin = origin
         self._clock = clock
+        # The tree is extended on the writer thread and read (proofs) on the
+        # event loop: every access holds this lock, and readers only ask about
+        # sizes up to the latest durable checkpoint.
+        self._tree = Tree()
+        self._tree_lock = threading.Lock()
+        self._latest: StoredCheckpoint | None = None
         self._max_queue = max_queue
         self._max_batch = max_batch
         self._cond = threading.Condition()
@@ -107,6 +132,29 @@ class Writer:
             self._cond.notify()
         return await future
 
+    @property
+    def latest(self) -> StoredCheckpoint | None:
+        """The latest durable checkpoint (None before the writer has started)."""
+        return self._latest
+
+    def inclusion_proof(self, index: int, size: int) -> tuple[bytes, list[bytes]]:
+        """Return (leaf hash, RFC 9162 inclusion proof) of index in the tree of size."""
+        self._check_durable(size)
+        with self._tree_lock:
+            return self._tree.leaf(index), self._tree.inclusion_proof(index, size)
+
+    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
+        """Return the RFC 9162 consistency proof from old_size to new_size."""
+        self._check_durable(new_size)
+        with self._tree_lock:
+            return self._tree.consistency_proof(old_size, new_size)
+
+    def _check_durable(self, size: int) -> None:
+        latest = self._latest
+        if latest is None or size > latest.size:
+            have = 0 if latest is None else latest.size
+            raise ValueError(f"tree size {size} is past the latest checkpoint ({have})")
+
     async def close(self) -> None:
         """Write what is queued, then stop the thread and close the store; idempotent."""
         with self._cond:
@@ -118,7 +166,7 @@ class Writer:
     def _run(self, opened: concurrent.futures.Future[None]) -> None:
         try:
             store = self._open_store()
-            store.head()
+            self._load(store)
         except Exception as exc:
             with self._cond:
                 self._closing = True
@@ -134,6 +182,40 @@ class Writer:
                 store.close()
             except Exception:
                 log.exception("closing the audit store failed")
+
+    def _load(self, store: Store) -> None:
+        """Rebuild the tree from the stored records; refuse a log its checkpoint disowns."""
+        head = store.head()
+        with self._tree_lock:
+            self._tree = Tree(leaf_hash(r.canonical) for r in iter_records(store))
+            size = self._tree.size
+        if size != head.size:
+            raise StoreError(f"the log has {size} readable records but its head says {head.size}")
+        latest = store.latest_checkpoint()
+        # The checkpoint was signed over these records: if they no longer hash
+        # to its root, the file was changed behind the service's back, and
+        # appending on top would bury the evidence, so refuse to start.
+        # Records past the latest checkpoint cannot come from this writer,
+        # which stores each batch with its checkpoint.
+        if latest is not None and (
+            latest.size != size or self._tree.root(latest.size) != latest.root
+        ):
+            raise LogMismatch(
+                f"{size} stored records do not match the checkpoint of size {latest.size}:"
+                " the log was altered; run `jitgate audit verify`"
+            )
+        if latest is None:
+            # A new log, or one from before checkpoints: sign what is there now.
+            latest = self._checkpoint(size, format_time(self._clock()))
+            store.append([], latest)
+        self._latest = latest
+        log.info("audit log: %d records, checkpoint root %s", size, latest.root.hex()[:16])
+
+    def _checkpoint(self, size: int, time: str) -> StoredCheckpoint:
+        with self._tree_lock:
+            root = self._tree.root(size)
+        note = self._signer.sign(Checkpoint(origin=self._origin, size=size, root=root))
+        return StoredCheckpoint(size=size, root=root, time=time, note=note)
 
     def _take(self) -> list[_Pending] | None:
         with self._cond:
@@ -153,28 +235,57 @@ class Writer:
             self._reply(pending, WriterClosed("the audit writer stopped"))
 
     def _commit(self, store: Store, batch: list[_Pending]) -> None:
+        size = self._tree.size
         try:
-            records, accepted = self._seal(store, batch)
+            records, accepted, now = self._seal(store, batch)
             if not records:
                 return
-            store.append(records)
-        except StoreError as exc:
-            log.error("audit batch of %d appends failed: %s", len(batch), exc)
-            for pending in batch:
-                self._reply(pending, StoreError(str(exc)))
-            return
+            leaves = [leaf_hash(r.canonical) for r in records]
+            with self._tree_lock:
+                self._tree.extend(leaves)
+            checkpoint = self._checkpoint(size + len(records), now)
+            store.append(records, checkpoint)
         except Exception as exc:
-            log.exception("audit batch of %d appends failed unexpectedly", len(batch))
+            if isinstance(exc, StoreError):
+                log.error("audit batch of %d appends failed: %s", len(batch), exc)
+                failure = StoreError(str(exc))
+            else:
+                log.exception("audit batch of %d appends failed unexpectedly", len(batch))
+                failure = StoreError(f"unexpected: {type(exc).__name__}")
+            self._resync(store, size)
             for pending in batch:
-                self._reply(pending, StoreError(f"unexpected: {type(exc).__name__}"))
+                self._reply(pending, failure)
             return
+        self._latest = checkpoint
         self.transactions += 1
-        for pending, stored in zip(accepted, records, strict=True):
-            self._reply(pending, Receipt(index=stored.index, record_hash=stored.record_hash))
+        for pending, stored, leaf in zip(accepted, records, leaves, strict=True):
+            receipt = Receipt(
+                index=stored.index,
+                record_hash=stored.record_hash,
+                leaf_hash=leaf,
+                checkpoint_size=checkpoint.size,
+            )
+            self._reply(pending, receipt)
+
+    def _resync(self, store: Store, size: int) -> None:
+        # After a failed commit the batch may or may not be on disk (an fsync
+        # error leaves it unknown): the tree follows what the store now says,
+        # so the next batch continues without a gap, a duplicate or a root
+        # that disagrees with the records.
+        try:
+            head = store.head()
+            with self._tree_lock:
+                self._tree.truncate(min(size, self._tree.size))
+                if head.size > self._tree.size:
+                    fresh = iter_records(store, self._tree.size)
+                    self._tree.extend(leaf_hash(r.canonical) for r in fresh)
+            self._latest = store.latest_checkpoint() or self._latest
+        except (StoreError, ValueError) as exc:
+            log.error("audit log state unknown after a failed append: %s", exc)
 
     def _seal(
         self, store: Store, batch: list[_Pending]
-    ) -> tuple[list[StoredRecord], list[_Pending]]:
+    ) -> tuple[list[StoredRecord], list[_Pending], str]:
         head = store.head()
         # One time for the batch: the moment its records were put in order.
         now = format_time(self._clock())
@@ -196,7 +307,7 @@ class Writer:
             records.append(stored)
             accepted.append(pending)
             prev = stored.record_hash
-        return records, accepted
+        return records, accepted, now
 
     @staticmethod
     def _reply(pending: _Pending, outcome: Receipt | BaseException) -> None:

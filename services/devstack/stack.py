@@ -15,9 +15,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from jitgate.audit import checkpoint
+from jitgate.audit.main import default_origin
 from jitgate.client import oauth
 from jitgate.common import keys, tls
 from jitgate.common.errors import ConfigError
+from jitgate.common.identity import DEFAULT_TRUST_DOMAIN
 from jitgate.devstack import children, idp, pki
 from jitgate.devstack.redis_server import RedisServer, free_port, provision
 
@@ -79,6 +82,11 @@ class Stack:
         return self.state / "audit" / "audit.db"
 
     @property
+    def audit_vkey(self) -> Path:
+        """The verifier key of the audit log's checkpoints, for `jitgate audit verify --key`."""
+        return self.state / "keys" / "audit.vkey"
+
+    @property
     def policy_file(self) -> Path:
         """The policy the policy service loads (copied from the example on first start)."""
         return self.state / "policy.toml"
@@ -118,10 +126,16 @@ class Stack:
         for folder in (self.state, self.logs, self.audit_db.parent, self.state / "keys"):
             folder.mkdir(parents=True, exist_ok=True)
         pki.init(self.pki.root)
-        for name in ("verifier", "policy"):
+        for name in ("verifier", "policy", "audit"):
             private = self.state / "keys" / f"{name}-signing.key"
             if not private.exists():
                 keys.create_pair(private, self.state / "keys" / f"{name}-signing.pub")
+        # What an auditor is handed to check checkpoints: the C2SP verifier key.
+        if not self.audit_vkey.exists():
+            public = keys.load_public_keys(self.state / "keys" / "audit-signing.pub")[0]
+            self.audit_vkey.write_text(
+                checkpoint.verifier_key_string(default_origin(DEFAULT_TRUST_DOMAIN), public) + "\n"
+            )
         for target, example in (
             (self.policy_file, EXAMPLES / "policy.toml"),
             (self.agents_file, EXAMPLES / "agents.toml"),
@@ -143,6 +157,7 @@ class Stack:
         keys_dir = self.state / "keys"
         if name == "audit":
             env["JITGATE_AUDIT_DB"] = str(self.audit_db)
+            env["JITGATE_AUDIT_SIGNING_KEY"] = str(keys_dir / "audit-signing.key")
         elif name == "verifier":
             env |= {
                 "JITGATE_OIDC_ISSUER": self.oidc_issuer,

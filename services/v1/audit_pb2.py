@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from jitgate.v1 import types_pb2 as jitgate_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16jitgate/v1/audit.proto\x12\njitgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16jitgate/v1/types.proto\"6\n\rAppendRequest\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.jitgate.v1.AuditEvent\"4\n\x0e\x41ppendResponse\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x13\n\x0brecord_hash\x18\x02 \x01(\x0c\"!\n\x0bReadRequest\x12\x12\n\nfrom_index\x18\x01 \x01(\x04\"\xb8\x01\n\x0b\x41uditRecord\x12\r\n\x05index\x18\x01 \x01(\x04\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x63\x61ller\x18\x03 \x01(\t\x12\x11\n\tcanonical\x18\x04 \x01(\x0c\x12\x11\n\tprev_hash\x18\x05 \x01(\x0c\x12\x13\n\x0brecord_hash\x18\x06 \x01(\x0c\x12%\n\x05\x65vent\x18\x07 \x01(\x0b\x32\x16.jitgate.v1.AuditEvent\"\xab\x01\n\nAuditEvent\x12\x33\n\x0etoken_rejected\x18\x01 \x01(\x0b\x32\x19.jitgate.v1.TokenRejectedH\x00\x12\x30\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x1c.jitgate.v1.DecisionRecordedH\x00\x12.\n\nrevocation\x18\x03 \x01(\x0b\x32\x18.jitgate.v1.GrantRevokedH\x00\x42\x06\n\x04kind\"\xa2\x01\n\rTokenRejected\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x19\n\x11token_fingerprint\x18\x02 \x01(\t\x12\x17\n\x0f\x63laimed_subject\x18\x03 \x01(\t\x12\x16\n\x0e\x63laimed_issuer\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12%\n\x04\x65\x64ge\x18\x06 \x01(\x0b\x32\x17.jitgate.v1.EdgeContext\"\xd2\x02\n\x10\x44\x65\x63isionRecorded\x12\x12\n\nconnection\x18\x01 \x01(\t\x12\x1d\n\x15requested_ttl_seconds\x18\x02 \x01(\r\x12\x16\n\x0erequest_reason\x18\x03 \x01(\t\x12&\n\x08identity\x18\x04 \x01(\x0b\x32\x14.jitgate.v1.Identity\x12\x0f\n\x07\x61llowed\x18\x05 \x01(\x08\x12\x13\n\x0breason_code\x18\x06 \x01(\t\x12$\n\x07\x62inding\x18\x07 \x01(\x0b\x32\x13.jitgate.v1.Binding\x12\x10\n\x08grant_id\x18\x08 \x01(\t\x12.\n\nexpires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0epolicy_version\x18\n \x01(\t\x12%\n\x04\x65\x64ge\x18\x0b \x01(\x0b\x32\x17.jitgate.v1.EdgeContext\"\xbb\x01\n\x0cGrantRevoked\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x12\n\nconnection\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x04\x65\x64ge\x18\x07 \x01(\x0b\x32\x17.jitgate.v1.EdgeContext2\x84\x01\n\x05\x41udit\x12?\n\x06\x41ppend\x12\x19.jitgate.v1.AppendRequest\x1a\x1a.jitgate.v1.AppendResponse\x12:\n\x04Read\x12\x17.jitgate.v1.ReadRequest\x1a\x17.jitgate.v1.AuditRecord0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16jitgate/v1/audit.proto\x12\njitgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16jitgate/v1/types.proto\"6\n\rAppendRequest\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.jitgate.v1.AuditEvent\"`\n\x0e\x41ppendResponse\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x13\n\x0brecord_hash\x18\x02 \x01(\x0c\x12\x11\n\tleaf_hash\x18\x03 \x01(\x0c\x12\x17\n\x0f\x63heckpoint_size\x18\x04 \x01(\x04\"\x16\n\x14GetCheckpointRequest\"+\n\x16ListCheckpointsRequest\x12\x11\n\tfrom_size\x18\x01 \x01(\x04\"e\n\nCheckpoint\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x11\n\troot_hash\x18\x02 \x01(\x0c\x12\x0c\n\x04note\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x15InclusionProofRequest\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"U\n\x0eInclusionProof\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x11\n\tleaf_hash\x18\x03 \x01(\x0c\x12\x0e\n\x06hashes\x18\x04 \x03(\x0c\"=\n\x17\x43onsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\"F\n\x10\x43onsistencyProof\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\"!\n\x0bReadRequest\x12\x12\n\nfrom_index\x18\x01 \x01(\x04\"\xb8\x01\n\x0b\x41uditRecord\x12\r\n\x05index\x18\x01 \x01(\x04\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x63\x61ller\x18\x03 \x01(\t\x12\x11\n\tcanonical\x18\x04 \x01(\x0c\x12\x11\n\tprev_hash\x18\x05 \x01(\x0c\x12\x13\n\x0brecord_hash\x18\x06 \x01(\x0c\x12%\n\x05\x65vent\x18\x07 \x01(\x0b\x32\x16.jitgate.v1.AuditEvent\"\x91\x02\n\nAuditEvent\x12\x33\n\x0etoken_rejected\x18\x01 \x01(\x0b\x32\x19.jitgate.v1.TokenRejectedH\x00\x12\x30\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x1c.jitgate.v1.DecisionRecordedH\x00\x12.\n\nrevocation\x18\x03 \x01(\x0b\x32\x18.jitgate.v1.GrantRevokedH\x00\x12/\n\nredemption\x18\x04 \x01(\x0b\x32\x19.jitgate.v1.GrantRedeemedH\x00\x12\x33\n\x0esession_closed\x18\x05 \x01(\x0b\x32\x19.jitgate.v1.SessionClosedH\x00\x42\x06\n\x04kind\"\xa2\x01\n\rTokenRejected\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x19\n\x11token_fingerprint\x18\x02 \x01(\t\x12\x17\n\x0f\x63laimed_subject\x18\x03 \x01(\t\x12\x16\n\x0e\x63laimed_issuer\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12%\n\x04\x65\x64ge\x18\x06 \x01(\x0b\x32\x17.jitgate.v1.EdgeContext\"\xd2\x02\n\x10\x44\x65\x63isionRecorded\x12\x12\n\nconnection\x18\x01 \x01(\t\x12\x1d\n\x15requested_ttl_seconds\x18\x02 \x01(\r\x12\x16\n\x0erequest_reason\x18\x03 \x01(\t\x12&\n\x08identity\x18\x04 \x01(\x0b\x32\x14.jitgate.v1.Identity\x12\x0f\n\x07\x61llowed\x18\x05 \x01(\x08\x12\x13\n\x0breason_code\x18\x06 \x01(\t\x12$\n\x07\x62inding\x18\x07 \x01(\x0b\x32\x13.jitgate.v1.Binding\x12\x10\n\x08grant_id\x18\x08 \x01(\t\x12.\n\nexpires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0epolicy_version\x18\n \x01(\t\x12%\n\x04\x65\x64ge\x18\x0b \x01(\x0b\x32\x17.jitgate.v1.EdgeContext\"\xbb\x01\n\x0cGrantRevoked\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x12\n\nconnection\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x04\x65\x64ge\x18\x07 \x01(\x0b\x32\x17.jitgate.v1.EdgeContext\"\xa2\x01\n\rGrantRedeemed\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x12\n\nconnection\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63lient_address\x18\x06 \x01(\t\"\xcd\x01\n\rSessionClosed\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x12\n\nconnection\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x19\n\x11\x62ytes_from_client\x18\x06 \x01(\x04\x12\x17\n\x0f\x62ytes_to_client\x18\x07 \x01(\x04\x12-\n\topened_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xce\x03\n\x05\x41udit\x12?\n\x06\x41ppend\x12\x19.jitgate.v1.AppendRequest\x1a\x1a.jitgate.v1.AppendResponse\x12:\n\x04Read\x12\x17.jitgate.v1.ReadRequest\x1a\x17.jitgate.v1.AuditRecord0\x01\x12I\n\rGetCheckpoint\x12 .jitgate.v1.GetCheckpointRequest\x1a\x16.jitgate.v1.Checkpoint\x12O\n\x0fListCheckpoints\x12\".jitgate.v1.ListCheckpointsRequest\x1a\x16.jitgate.v1.Checkpoint0\x01\x12R\n\x11GetInclusionProof\x12!.jitgate.v1.InclusionProofRequest\x1a\x1a.jitgate.v1.InclusionProof\x12X\n\x13GetConsistencyProof\x12#.jitgate.v1.ConsistencyProofRequest\x1a\x1c.jitgate.v1.ConsistencyProofb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPENDREQUEST']._serialized_start=95
   _globals['_APPENDREQUEST']._serialized_end=149
   _globals['_APPENDRESPONSE']._serialized_start=151
-  _globals['_APPENDRESPONSE']._serialized_end=203
-  _globals['_READREQUEST']._serialized_start=205
-  _globals['_READREQUEST']._serialized_end=238
-  _globals['_AUDITRECORD']._serialized_start=241
-  _globals['_AUDITRECORD']._serialized_end=425
-  _globals['_AUDITEVENT']._serialized_start=428
-  _globals['_AUDITEVENT']._serialized_end=599
-  _globals['_TOKENREJECTED']._serialized_start=602
-  _globals['_TOKENREJECTED']._serialized_end=764
-  _globals['_DECISIONRECORDED']._serialized_start=767
-  _globals['_DECISIONRECORDED']._serialized_end=1105
-  _globals['_GRANTREVOKED']._serialized_start=1108
-  _globals['_GRANTREVOKED']._serialized_end=1295
-  _globals['_AUDIT']._serialized_start=1298
-  _globals['_AUDIT']._serialized_end=1430
+  _globals['_APPENDRESPONSE']._serialized_end=247
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=249
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=271
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=273
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=316
+  _globals['_CHECKPOINT']._serialized_start=318
+  _globals['_CHECKPOINT']._serialized_end=419
+  _globals['_INCLUSIONPROOFREQUEST']._serialized_start=421
+  _globals['_INCLUSIONPROOFREQUEST']._serialized_end=478
+  _globals['_INCLUSIONPROOF']._serialized_start=480
+  _globals['_INCLUSIONPROOF']._serialized_end=565
+  _globals['_CONSISTENCYPROOFREQUEST']._serialized_start=567
+  _globals['_CONSISTENCYPROOFREQUEST']._serialized_end=628
+  _globals['_CONSISTENCYPROOF']._serialized_start=630
+  _globals['_CONSISTENCYPROOF']._serialized_end=700
+  _globals['_READREQUEST']._serialized_start=702
+  _globals['_READREQUEST']._serialized_end=735
+  _globals['_AUDITRECORD']._serialized_start=738
+  _globals['_AUDITRECORD']._serialized_end=922
+  _globals['_AUDITEVENT']._serialized_start=925
+  _globals['_AUDITEVENT']._serialized_end=1198
+  _globals['_TOKENREJECTED']._serialized_start=1201
+  _globals['_TOKENREJECTED']._serialized_end=1363
+  _globals['_DECISIONRECORDED']._serialized_start=1366
+  _globals['_DECISIONRECORDED']._serialized_end=1704
+  _globals['_GRANTREVOKED']._serialized_start=1707
+  _globals['_GRANTREVOKED']._serialized_end=1894
+  _globals['_GRANTREDEEMED']._serialized_start=1897
+  _globals['_GRANTREDEEMED']._serialized_end=2059
+  _globals['_SESSIONCLOSED']._serialized_start=2062
+  _globals['_SESSIONCLOSED']._serialized_end=2267
+  _globals['_AUDIT']._serialized_start=2270
+  _globals['_AUDIT']._serialized_end=2732
 # @@protoc_insertion_point(module_scope)

@@ -26,10 +26,12 @@ if _version_not_supported:
 
 
 class AuditStub:
-    """Audit appends events to a hash-chained log and reads them back. There is no
-    update and no delete. The caller of Append is named by its mTLS certificate,
-    never by the request; only core-zone services may append, and only the
-    auditor identity may read.
+    """Audit appends events to a log whose records are hash-chained and are the
+    leaves of an RFC 6962 Merkle tree, and signs checkpoints of that tree. There
+    is no update and no delete. The caller of Append is named by its mTLS
+    certificate, never by the request; only core-zone services may append, only
+    the auditor identity may read records, and checkpoints and proofs (hashes,
+    nothing else) are for the auditor and the core zone.
     """
 
     def __init__(self, channel):
@@ -48,17 +50,40 @@ class AuditStub:
                 request_serializer=jitgate_dot_v1_dot_audit__pb2.ReadRequest.SerializeToString,
                 response_deserializer=jitgate_dot_v1_dot_audit__pb2.AuditRecord.FromString,
                 _registered_method=True)
+        self.GetCheckpoint = channel.unary_unary(
+                '/jitgate.v1.Audit/GetCheckpoint',
+                request_serializer=jitgate_dot_v1_dot_audit__pb2.GetCheckpointRequest.SerializeToString,
+                response_deserializer=jitgate_dot_v1_dot_audit__pb2.Checkpoint.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_stream(
+                '/jitgate.v1.Audit/ListCheckpoints',
+                request_serializer=jitgate_dot_v1_dot_audit__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=jitgate_dot_v1_dot_audit__pb2.Checkpoint.FromString,
+                _registered_method=True)
+        self.GetInclusionProof = channel.unary_unary(
+                '/jitgate.v1.Audit/GetInclusionProof',
+                request_serializer=jitgate_dot_v1_dot_audit__pb2.InclusionProofRequest.SerializeToString,
+                response_deserializer=jitgate_dot_v1_dot_audit__pb2.InclusionProof.FromString,
+                _registered_method=True)
+        self.GetConsistencyProof = channel.unary_unary(
+                '/jitgate.v1.Audit/GetConsistencyProof',
+                request_serializer=jitgate_dot_v1_dot_audit__pb2.ConsistencyProofRequest.SerializeToString,
+                response_deserializer=jitgate_dot_v1_dot_audit__pb2.ConsistencyProof.FromString,
+                _registered_method=True)
 
 
 class AuditServicer:
-    """Audit appends events to a hash-chained log and reads them back. There is no
-    update and no delete. The caller of Append is named by its mTLS certificate,
-    never by the request; only core-zone services may append, and only the
-    auditor identity may read.
+    """Audit appends events to a log whose records are hash-chained and are the
+    leaves of an RFC 6962 Merkle tree, and signs checkpoints of that tree. There
+    is no update and no delete. The caller of Append is named by its mTLS
+    certificate, never by the request; only core-zone services may append, only
+    the auditor identity may read records, and checkpoints and proofs (hashes,
+    nothing else) are for the auditor and the core zone.
     """
 
     def Append(self, request, context):
-        """Returns once the record is durable (fsynced), never before.
+        """Returns once the record and a signed checkpoint covering it are durable
+        (fsynced), never before.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -66,6 +91,34 @@ class AuditServicer:
 
     def Read(self, request, context):
         """Streams records from from_index to the end of the log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCheckpoint(self, request, context):
+        """The latest signed checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """Streams every signed checkpoint of size from_size or more, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInclusionProof(self, request, context):
+        """RFC 9162 section 2.1.3: the record at index is in the tree of tree_size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConsistencyProof(self, request, context):
+        """RFC 9162 section 2.1.4: the tree of old_size is a prefix of new_size's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +137,26 @@ def add_AuditServicer_to_server(servicer, server):
                     request_deserializer=jitgate_dot_v1_dot_audit__pb2.ReadRequest.FromString,
                     response_serializer=jitgate_dot_v1_dot_audit__pb2.AuditRecord.SerializeToString,
             ),
+            'GetCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=jitgate_dot_v1_dot_audit__pb2.GetCheckpointRequest.FromString,
+                    response_serializer=jitgate_dot_v1_dot_audit__pb2.Checkpoint.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=jitgate_dot_v1_dot_audit__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=jitgate_dot_v1_dot_audit__pb2.Checkpoint.SerializeToString,
+            ),
+            'GetInclusionProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInclusionProof,
+                    request_deserializer=jitgate_dot_v1_dot_audit__pb2.InclusionProofRequest.FromString,
+                    response_serializer=jitgate_dot_v1_dot_audit__pb2.InclusionProof.SerializeToString,
+            ),
+            'GetConsistencyProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConsistencyProof,
+                    request_deserializer=jitgate_dot_v1_dot_audit__pb2.ConsistencyProofRequest.FromString,
+                    response_serializer=jitgate_dot_v1_dot_audit__pb2.ConsistencyProof.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'jitgate.v1.Audit', rpc_method_handlers)
@@ -93,10 +166,12 @@ def add_AuditServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Audit:
-    """Audit appends events to a hash-chained log and reads them back. There is no
-    update and no delete. The caller of Append is named by its mTLS certificate,
-    never by the request; only core-zone services may append, and only the
-    auditor identity may read.
+    """Audit appends events to a log whose records are hash-chained and are the
+    leaves of an RFC 6962 Merkle tree, and signs checkpoints of that tree. There
+    is no update and no delete. The caller of Append is named by its mTLS
+    certificate, never by the request; only core-zone services may append, only
+    the auditor identity may read records, and checkpoints and proofs (hashes,
+    nothing else) are for the auditor and the core zone.
     """
 
     @staticmethod
@@ -143,6 +218,114 @@ class Audit:
             '/jitgate.v1.Audit/Read',
             jitgate_dot_v1_dot_audit__pb2.ReadRequest.SerializeToString,
             jitgate_dot_v1_dot_audit__pb2.AuditRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitgate.v1.Audit/GetCheckpoint',
+            jitgate_dot_v1_dot_audit__pb2.GetCheckpointRequest.SerializeToString,
+            jitgate_dot_v1_dot_audit__pb2.Checkpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jitgate.v1.Audit/ListCheckpoints',
+            jitgate_dot_v1_dot_audit__pb2.ListCheckpointsRequest.SerializeToString,
+            jitgate_dot_v1_dot_audit__pb2.Checkpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInclusionProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitgate.v1.Audit/GetInclusionProof',
+            jitgate_dot_v1_dot_audit__pb2.InclusionProofRequest.SerializeToString,
+            jitgate_dot_v1_dot_audit__pb2.InclusionProof.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConsistencyProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitgate.v1.Audit/GetConsistencyProof',
+            jitgate_dot_v1_dot_audit__pb2.ConsistencyProofRequest.SerializeToString,
+            jitgate_dot_v1_dot_audit__pb2.ConsistencyProof.FromString,
             options,
             channel_credentials,
             insecure,

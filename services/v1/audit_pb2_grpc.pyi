@@ -27,10 +27,12 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AuditStub:
-    """Audit appends events to a hash-chained log and reads them back. There is no
-    update and no delete. The caller of Append is named by its mTLS certificate,
-    never by the request; only core-zone services may append, and only the
-    auditor identity may read.
+    """Audit appends events to a log whose records are hash-chained and are the
+    leaves of an RFC 6962 Merkle tree, and signs checkpoints of that tree. There
+    is no update and no delete. The caller of Append is named by its mTLS
+    certificate, never by the request; only core-zone services may append, only
+    the auditor identity may read records, and checkpoints and proofs (hashes,
+    nothing else) are for the auditor and the core zone.
     """
 
     @_typing.overload
@@ -38,29 +40,53 @@ class AuditStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AuditAsyncStub: ...
     Append: _grpc.UnaryUnaryMultiCallable[_audit_pb2.AppendRequest, _audit_pb2.AppendResponse]
-    """Returns once the record is durable (fsynced), never before."""
+    """Returns once the record and a signed checkpoint covering it are durable
+    (fsynced), never before.
+    """
     Read: _grpc.UnaryStreamMultiCallable[_audit_pb2.ReadRequest, _audit_pb2.AuditRecord]
     """Streams records from from_index to the end of the log."""
+    GetCheckpoint: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetCheckpointRequest, _audit_pb2.Checkpoint]
+    """The latest signed checkpoint."""
+    ListCheckpoints: _grpc.UnaryStreamMultiCallable[_audit_pb2.ListCheckpointsRequest, _audit_pb2.Checkpoint]
+    """Streams every signed checkpoint of size from_size or more, oldest first."""
+    GetInclusionProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.InclusionProofRequest, _audit_pb2.InclusionProof]
+    """RFC 9162 section 2.1.3: the record at index is in the tree of tree_size."""
+    GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ConsistencyProofRequest, _audit_pb2.ConsistencyProof]
+    """RFC 9162 section 2.1.4: the tree of old_size is a prefix of new_size's."""
 
 @_typing.type_check_only
 class AuditAsyncStub(AuditStub):
-    """Audit appends events to a hash-chained log and reads them back. There is no
-    update and no delete. The caller of Append is named by its mTLS certificate,
-    never by the request; only core-zone services may append, and only the
-    auditor identity may read.
+    """Audit appends events to a log whose records are hash-chained and are the
+    leaves of an RFC 6962 Merkle tree, and signs checkpoints of that tree. There
+    is no update and no delete. The caller of Append is named by its mTLS
+    certificate, never by the request; only core-zone services may append, only
+    the auditor identity may read records, and checkpoints and proofs (hashes,
+    nothing else) are for the auditor and the core zone.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Append: _aio.UnaryUnaryMultiCallable[_audit_pb2.AppendRequest, _audit_pb2.AppendResponse]  # type: ignore[assignment]
-    """Returns once the record is durable (fsynced), never before."""
+    """Returns once the record and a signed checkpoint covering it are durable
+    (fsynced), never before.
+    """
     Read: _aio.UnaryStreamMultiCallable[_audit_pb2.ReadRequest, _audit_pb2.AuditRecord]  # type: ignore[assignment]
     """Streams records from from_index to the end of the log."""
+    GetCheckpoint: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetCheckpointRequest, _audit_pb2.Checkpoint]  # type: ignore[assignment]
+    """The latest signed checkpoint."""
+    ListCheckpoints: _aio.UnaryStreamMultiCallable[_audit_pb2.ListCheckpointsRequest, _audit_pb2.Checkpoint]  # type: ignore[assignment]
+    """Streams every signed checkpoint of size from_size or more, oldest first."""
+    GetInclusionProof: _aio.UnaryUnaryMultiCallable[_audit_pb2.InclusionProofRequest, _audit_pb2.InclusionProof]  # type: ignore[assignment]
+    """RFC 9162 section 2.1.3: the record at index is in the tree of tree_size."""
+    GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_audit_pb2.ConsistencyProofRequest, _audit_pb2.ConsistencyProof]  # type: ignore[assignment]
+    """RFC 9162 section 2.1.4: the tree of old_size is a prefix of new_size's."""
 
 class AuditServicer(metaclass=_abc_1.ABCMeta):
-    """Audit appends events to a hash-chained log and reads them back. There is no
-    update and no delete. The caller of Append is named by its mTLS certificate,
-    never by the request; only core-zone services may append, and only the
-    auditor identity may read.
+    """Audit appends events to a log whose records are hash-chained and are the
+    leaves of an RFC 6962 Merkle tree, and signs checkpoints of that tree. There
+    is no update and no delete. The caller of Append is named by its mTLS
+    certificate, never by the request; only core-zone services may append, only
+    the auditor identity may read records, and checkpoints and proofs (hashes,
+    nothing else) are for the auditor and the core zone.
     """
 
     @_abc_1.abstractmethod
@@ -69,7 +95,9 @@ class AuditServicer(metaclass=_abc_1.ABCMeta):
         request: _audit_pb2.AppendRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_audit_pb2.AppendResponse, _abc.Awaitable[_audit_pb2.AppendResponse]]:
-        """Returns once the record is durable (fsynced), never before."""
+        """Returns once the record and a signed checkpoint covering it are durable
+        (fsynced), never before.
+        """
 
     @_abc_1.abstractmethod
     def Read(
@@ -78,5 +106,37 @@ class AuditServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_audit_pb2.AuditRecord], _abc.AsyncIterator[_audit_pb2.AuditRecord]]:
         """Streams records from from_index to the end of the log."""
+
+    @_abc_1.abstractmethod
+    def GetCheckpoint(
+        self,
+        request: _audit_pb2.GetCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.Checkpoint, _abc.Awaitable[_audit_pb2.Checkpoint]]:
+        """The latest signed checkpoint."""
+
+    @_abc_1.abstractmethod
+    def ListCheckpoints(
+        self,
+        request: _audit_pb2.ListCheckpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_audit_pb2.Checkpoint], _abc.AsyncIterator[_audit_pb2.Checkpoint]]:
+        """Streams every signed checkpoint of size from_size or more, oldest first."""
+
+    @_abc_1.abstractmethod
+    def GetInclusionProof(
+        self,
+        request: _audit_pb2.InclusionProofRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.InclusionProof, _abc.Awaitable[_audit_pb2.InclusionProof]]:
+        """RFC 9162 section 2.1.3: the record at index is in the tree of tree_size."""
+
+    @_abc_1.abstractmethod
+    def GetConsistencyProof(
+        self,
+        request: _audit_pb2.ConsistencyProofRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ConsistencyProof, _abc.Awaitable[_audit_pb2.ConsistencyProof]]:
+        """RFC 9162 section 2.1.4: the tree of old_size is a prefix of new_size's."""
 
 def add_AuditServicer_to_server(servicer: AuditServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -17,6 +17,7 @@ from jitgate.audit.chain import verify_database
 from jitgate.audit.client import AuditClient
 from jitgate.audit.main import build
 from jitgate.audit.store import SqliteStore
+from jitgate.common import keys
 from jitgate.common.config import Env
 from jitgate.common.errors import ConfigError, Unavailable
 from jitgate.devstack import pki
@@ -35,9 +36,18 @@ def free_port() -> int:
         return port
 
 
+def signing_key(dev: pki.DevPki) -> Path:
+    """The audit checkpoint key, made once beside the dev PKI."""
+    private = dev.root / "audit-signing.key"
+    if not private.exists():
+        keys.create_pair(private, dev.root / "audit-signing.pub")
+    return private
+
+
 def environ(dev: pki.DevPki, db: Path, port: int, **extra: str) -> dict[str, str]:
     files = dev.files("audit")
     return {
+        "JITGATE_AUDIT_SIGNING_KEY": str(signing_key(dev)),
         "JITGATE_LISTEN": f"127.0.0.1:{port}",
         "JITGATE_TLS_CA": str(files.ca),
         "JITGATE_TLS_CERT": str(files.cert),
@@ -110,6 +120,11 @@ async def test_the_trust_domain_names_the_caller(tmp_path: Path) -> None:
         ({"JITGATE_TRUST_DOMAIN": "Not A Domain"}, "JITGATE_TRUST_DOMAIN"),
         ({"JITGATE_LISTEN": "nowhere"}, "JITGATE_LISTEN"),
         ({"JITGATE_TLS_KEY": "/nonexistent/audit.key"}, "cannot read TLS key"),
+        ({"JITGATE_AUDIT_SIGNING_KEY": ""}, "JITGATE_AUDIT_SIGNING_KEY is required"),
+        ({"JITGATE_AUDIT_SIGNING_KEY": "/nonexistent/key"}, "/nonexistent/key"),
+        ({"JITGATE_AUDIT_ORIGIN": "my log"}, "JITGATE_AUDIT_ORIGIN"),
+        ({"JITGATE_AUDIT_ORIGIN": "a+b"}, "JITGATE_AUDIT_ORIGIN"),
+        ({"JITGATE_AUDIT_MAX_BYTES": "-1"}, "JITGATE_AUDIT_MAX_BYTES"),
     ],
 )
 async def test_configuration_errors(

@@ -16,18 +16,20 @@ from google.protobuf import timestamp_pb2
 
 from jitgate.audit import servicer as servicer_module
 from jitgate.audit.chain import verify_database
+from jitgate.audit.checkpoint import open_signed
+from jitgate.audit.merkle import check_consistency, check_inclusion
 from jitgate.audit.record import format_time
 from jitgate.audit.servicer import ACL, AuditServicer, allowed_kind
 from jitgate.audit.store import SqliteStore, iter_records
 from jitgate.audit.writer import Writer
 from jitgate.common import tls
-from jitgate.common.errors import PermissionDenied
+from jitgate.common.errors import InvalidArgument, PermissionDenied
 from jitgate.common.status import from_rpc_error
 from jitgate.devstack import pki
 from jitgate.v1 import audit_pb2, audit_pb2_grpc, types_pb2
 from tests.support import channel, running
 
-from .factory import T0, raw
+from .factory import ORIGIN, SIGNER, T0, VERIFIER, raw
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +52,9 @@ class Audit:
 @pytest.fixture
 async def audit(tmp_path: Path, dev_pki: pki.DevPki) -> AsyncIterator[Audit]:
     path = tmp_path / "audit.db"
-    writer = Writer(open_store=lambda: SqliteStore.open(path), clock=lambda: T0)
+    writer = Writer(
+        signer=SIGNER, origin=ORIGIN, open_store=lambda: SqliteStore.open(path), clock=lambda: T0
+    )
     await writer.start()
     servicer = AuditServicer(
         writer=writer, open_reader=lambda: SqliteStore.open(path, read_only=True)
@@ -87,6 +91,12 @@ REJECTED = audit_pb2.AuditEvent(
     token_rejected=audit_pb2.TokenRejected(reason="audience", claimed_subject="zoë")
 )
 REVOKED = audit_pb2.AuditEvent(revocation=audit_pb2.GrantRevoked(grant_id="ab" * 16))
+REDEEMED = audit_pb2.AuditEvent(
+    redemption=audit_pb2.GrantRedeemed(grant_id="ab" * 16, session_id="s1", subject="agent-7")
+)
+CLOSED = audit_pb2.AuditEvent(
+    session_closed=audit_pb2.SessionClosed(grant_id="ab" * 16, session_id="s1", reason="expired")
+)
 
 
 async def append(audit: Audit, who: str, event: audit_pb2.AuditEvent) -> audit_pb2.AppendResponse:
@@ -144,11 +154,99 @@ async def test_each_core_service_appends_its_own_kinds(audit: Audit) -> None:
     assert (await append(audit, "verifier", REJECTED)).index == 0
     assert (await append(audit, "policy", REVOKED)).index == 1
     assert (await append(audit, "policy", decision())).index == 2
+    assert (await append(audit, "proxy", REDEEMED)).index == 3
+    assert (await append(audit, "proxy", CLOSED)).index == 4
     assert audit.records() == [
         (0, "spiffe://jitgate/verifier", "token_rejected"),
         (1, "spiffe://jitgate/policy", "revocation"),
         (2, "spiffe://jitgate/policy", "decision"),
+        (3, "spiffe://jitgate/proxy", "redemption"),
+        (4, "spiffe://jitgate/proxy", "session_closed"),
     ]
+
+
+async def test_a_receipt_names_a_signed_durable_checkpoint_that_covers_it(audit: Audit) -> None:
+    receipts = [await append(audit, "policy", decision()) for _ in range(3)]
+    async with stub(audit, "policy") as audit_stub:
+        latest = await audit_stub.GetCheckpoint(audit_pb2.GetCheckpointRequest(), timeout=5)
+        for receipt in receipts:
+            assert receipt.index < receipt.checkpoint_size <= latest.size
+            proof = await audit_stub.GetInclusionProof(
+                audit_pb2.InclusionProofRequest(
+                    index=receipt.index, tree_size=receipt.checkpoint_size
+                ),
+                timeout=5,
+            )
+            assert proof.leaf_hash == receipt.leaf_hash
+    # The auditor checks it all against nothing but the log's public key.
+    async with stub(audit, "auditor") as audit_stub:
+        notes = [c async for c in audit_stub.ListCheckpoints(audit_pb2.ListCheckpointsRequest())]
+    by_size = {c.size: c for c in notes}
+    assert sorted(by_size) == [0, 1, 2, 3]  # one at start, then one per batch
+    for receipt in receipts:
+        signed = open_signed(by_size[receipt.checkpoint_size].note, [VERIFIER])
+        assert signed.root == by_size[receipt.checkpoint_size].root_hash
+        async with stub(audit, "policy") as audit_stub:
+            proof = await audit_stub.GetInclusionProof(
+                audit_pb2.InclusionProofRequest(
+                    index=receipt.index, tree_size=receipt.checkpoint_size
+                ),
+                timeout=5,
+            )
+        check_inclusion(
+            receipt.leaf_hash, receipt.index, signed.size, list(proof.hashes), signed.root
+        )
+    async with stub(audit, "verifier") as audit_stub:
+        consistency = await audit_stub.GetConsistencyProof(
+            audit_pb2.ConsistencyProofRequest(old_size=1, new_size=3), timeout=5
+        )
+    check_consistency(1, 3, by_size[1].root_hash, by_size[3].root_hash, list(consistency.hashes))
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (audit_pb2.InclusionProofRequest(index=0, tree_size=0), "index"),
+        (audit_pb2.InclusionProofRequest(index=5, tree_size=2), "index"),
+        (audit_pb2.InclusionProofRequest(index=0, tree_size=99), "tree_size"),
+        (audit_pb2.InclusionProofRequest(index=2**64 - 2, tree_size=2**64 - 1), "tree_size"),
+        (audit_pb2.ConsistencyProofRequest(old_size=0, new_size=1), "old_size"),
+        (audit_pb2.ConsistencyProofRequest(old_size=2, new_size=1), "old_size"),
+        (audit_pb2.ConsistencyProofRequest(old_size=1, new_size=99), "new_size"),
+    ],
+)
+async def test_a_proof_past_the_log_or_out_of_range_is_invalid_argument(
+    audit: Audit, request_: Any, field: str
+) -> None:
+    await append(audit, "policy", decision())
+    async with stub(audit, "auditor") as audit_stub:
+        method = (
+            audit_stub.GetInclusionProof
+            if isinstance(request_, audit_pb2.InclusionProofRequest)
+            else audit_stub.GetConsistencyProof
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await method(request_, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    translated = from_rpc_error(caught.value, "audit")
+    assert isinstance(translated, InvalidArgument)
+    assert translated.field == field
+
+
+@pytest.mark.parametrize("who", ["issuer", "operator"])
+async def test_checkpoints_and_proofs_are_not_for_the_edge(audit: Audit, who: str) -> None:
+    async with stub(audit, who) as audit_stub:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await audit_stub.GetCheckpoint(audit_pb2.GetCheckpointRequest(), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.parametrize("who", ["policy", "verifier", "proxy"])
+async def test_only_the_auditor_lists_checkpoints(audit: Audit, who: str) -> None:
+    async with stub(audit, who) as audit_stub:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            _ = [c async for c in audit_stub.ListCheckpoints(audit_pb2.ListCheckpointsRequest())]
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_an_event_of_exactly_the_limit_is_accepted(audit: Audit) -> None:
@@ -163,7 +261,7 @@ async def test_an_event_of_exactly_the_limit_is_accepted(audit: Audit) -> None:
 # Append: refused callers (the guard's allow-list), nothing written.
 
 
-@pytest.mark.parametrize("who", ["issuer", "auditor", "proxy", "operator"])
+@pytest.mark.parametrize("who", ["issuer", "auditor", "operator"])
 async def test_other_workloads_may_not_append(audit: Audit, who: str) -> None:
     error = await refused(audit, who, decision())
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -179,6 +277,8 @@ async def test_other_workloads_may_not_append(audit: Audit, who: str) -> None:
         ("verifier", decision(), "decision"),
         ("verifier", REVOKED, "revocation"),
         ("policy", REJECTED, "token_rejected"),
+        ("proxy", decision(), "decision"),
+        ("policy", REDEEMED, "redemption"),
     ],
 )
 async def test_a_service_may_not_append_another_services_kind(

@@ -11,10 +11,10 @@ import pytest
 
 from jitgate.audit.chain import verify_store
 from jitgate.audit.record import StoredRecord, format_time
-from jitgate.audit.store import Head, SqliteStore, StoreError
+from jitgate.audit.store import Head, SqliteStore, StoredCheckpoint, StoreError
 from jitgate.audit.writer import Receipt, Writer, WriterBusy, WriterClosed
 
-from .factory import POLICY, T0, event, raw
+from .factory import ORIGIN, POLICY, SIGNER, T0, event, raw
 
 
 class Gated:
@@ -37,15 +37,25 @@ class Gated:
         assert self.inner is not None
         return self.inner.head()
 
-    def append(self, records: Sequence[StoredRecord]) -> Head:
+    def append(self, records: Sequence[StoredRecord], checkpoint: StoredCheckpoint) -> Head:
         assert self.inner is not None
+        if not records:  # the writer's first checkpoint, at start-up
+            return self.inner.append(records, checkpoint)
         self.entered.set()
         self.open_gate.wait(10)
         if self.explode:
             raise RuntimeError("a bug in a store")
-        head = self.inner.append(records)
+        head = self.inner.append(records, checkpoint)
         self.batches.append(len(records))
         return head
+
+    def checkpoints(self, from_size: int, limit: int) -> list[StoredCheckpoint]:
+        assert self.inner is not None
+        return self.inner.checkpoints(from_size, limit)
+
+    def latest_checkpoint(self) -> StoredCheckpoint | None:
+        assert self.inner is not None
+        return self.inner.latest_checkpoint()
 
     def read(self, from_index: int, limit: int) -> list[StoredRecord]:
         assert self.inner is not None
@@ -63,7 +73,7 @@ def gated(tmp_path: Path) -> Gated:
 
 @pytest.fixture
 async def writer(gated: Gated) -> AsyncIterator[Writer]:
-    started = Writer(open_store=gated.open, clock=lambda: T0)
+    started = Writer(signer=SIGNER, origin=ORIGIN, open_store=gated.open, clock=lambda: T0)
     await started.start()
     yield started
     gated.open_gate.set()
@@ -160,7 +170,7 @@ async def test_a_bad_event_fails_alone(gated: Gated, writer: Writer) -> None:
 
 async def test_a_full_queue_fails_fast(tmp_path: Path) -> None:
     gated = Gated(tmp_path / "audit.db")
-    writer = Writer(open_store=gated.open, max_queue=2)
+    writer = Writer(signer=SIGNER, origin=ORIGIN, open_store=gated.open, max_queue=2)
     await writer.start()
     try:
         first = await held(gated, writer)
@@ -189,7 +199,7 @@ async def test_a_caller_that_gives_up_does_not_stop_the_writer(
 
 
 async def test_close_writes_what_is_queued_then_refuses(gated: Gated) -> None:
-    writer = Writer(open_store=gated.open)
+    writer = Writer(signer=SIGNER, origin=ORIGIN, open_store=gated.open)
     await writer.start()
     first = await held(gated, writer)
     queued = [asyncio.create_task(writer.append(POLICY, event(n))) for n in range(1, 5)]
@@ -210,14 +220,18 @@ async def test_close_writes_what_is_queued_then_refuses(gated: Gated) -> None:
 
 
 async def test_append_before_start_is_refused(gated: Gated) -> None:
-    writer = Writer(open_store=gated.open)
+    writer = Writer(signer=SIGNER, origin=ORIGIN, open_store=gated.open)
     with pytest.raises(WriterClosed):
         await writer.append(POLICY, event(0))
     await writer.close()
 
 
 async def test_a_store_that_cannot_open(tmp_path: Path) -> None:
-    writer = Writer(open_store=lambda: SqliteStore.open(tmp_path / "no" / "audit.db"))
+    writer = Writer(
+        signer=SIGNER,
+        origin=ORIGIN,
+        open_store=lambda: SqliteStore.open(tmp_path / "no" / "audit.db"),
+    )
     with pytest.raises(StoreError, match="cannot open"):
         await writer.start()
     with pytest.raises(WriterClosed):
@@ -227,4 +241,4 @@ async def test_a_store_that_cannot_open(tmp_path: Path) -> None:
 
 def test_bounds_must_be_positive(gated: Gated) -> None:
     with pytest.raises(ValueError, match="positive"):
-        Writer(open_store=gated.open, max_queue=0)
+        Writer(signer=SIGNER, origin=ORIGIN, open_store=gated.open, max_queue=0)

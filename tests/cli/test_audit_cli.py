@@ -1,4 +1,4 @@
-"""`jitgate audit verify|show`: exit codes 0 intact, 1 broken, 2 unreadable; readable output."""
+"""`jitgate audit verify|show`: exit 0 when the log verifies, the failure's code otherwise."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ from typing import Any
 
 import pytest
 
-from jitgate.audit.record import format_time, seal
+from jitgate.audit.checkpoint import verifier_key_string
+from jitgate.audit.record import StoredRecord, format_time, seal
 from jitgate.audit.store import SqliteStore
+from jitgate.audit.verify import Failure
 from jitgate.cli import audit as audit_cli
+from tests.audit.factory import ORIGIN, SIGNER, checkpoint_for
+
+VKEY = verifier_key_string(ORIGIN, SIGNER.private_key.public_key())
 
 T0 = 1_735_787_045.0
 EVENTS: list[dict[str, Any]] = [
@@ -49,6 +54,7 @@ EVENTS: list[dict[str, Any]] = [
 def write_log(path: Path) -> Path:
     store = SqliteStore.open(path)
     prev = bytes(32)
+    log: list[StoredRecord] = []
     try:
         for index, event in enumerate(EVENTS):
             caller = "verifier" if "token_rejected" in event else "policy"
@@ -59,7 +65,8 @@ def write_log(path: Path) -> Path:
                 event=event,
                 prev_hash=prev,
             )
-            store.append([item])
+            log.append(item)
+            store.append([item], checkpoint_for(log))
             prev = item.record_hash
     finally:
         store.close()
@@ -86,41 +93,56 @@ def run(*argv: str) -> int:
 
 
 def test_verify_intact(log: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run("audit", "verify", str(log)) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("audit log intact: 4 records, head ")
+    assert run("audit", "verify", str(log), "--key", VKEY) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "4/4 checkpoints valid, 4/4 records valid"
+    assert out[1] == "note: 3 consistency proofs between successive checkpoints hold"
     store = SqliteStore.open(log, read_only=True)
     try:
-        assert out.strip().endswith(store.head().record_hash.hex())
+        latest = store.latest_checkpoint()
+        assert latest is not None
+        assert out[2] == f"log {ORIGIN} verified up to checkpoint 4, root {latest.root.hex()}"
     finally:
         store.close()
 
 
 def test_verify_broken(log: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tamper(log)
-    assert run("audit", "verify", str(log)) == 1
-    assert capsys.readouterr().out.strip() == (
-        "audit log broken at index 1: record 1 is missing (the next stored record is 2)"
-    )
+    assert run("audit", "verify", str(log), "--key", VKEY) == Failure.GAP
+    out = capsys.readouterr().out
+    assert "FAILED: gap: record 1 is missing" in out
+
+
+def test_verify_needs_a_key(log: Path) -> None:
+    with pytest.raises(SystemExit) as caught:
+        run("audit", "verify", str(log))
+    assert caught.value.code == 2
+
+
+def test_verify_a_bad_key(log: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("audit", "verify", str(log), "--key", "nonsense+123+abc") == 2
+    assert "--key" in capsys.readouterr().err
 
 
 def test_verify_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run("audit", "verify", str(tmp_path / "missing.db")) == 2
+    assert run("audit", "verify", str(tmp_path / "missing.db"), "--key", VKEY) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert "missing.db: no such file" in captured.err
+    assert "missing.db: no such bundle or file" in captured.err
 
 
 def test_verify_not_a_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"junk" * 1000)
-    assert run("audit", "verify", str(junk)) == 2
+    assert run("audit", "verify", str(junk), "--key", VKEY) == 2
     assert "cannot read" in capsys.readouterr().err
 
 
-def test_verify_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run("audit", "verify", str(tmp_path)) == 2
-    assert "no such file" in capsys.readouterr().err
+def test_verify_a_folder_that_is_not_a_bundle(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run("audit", "verify", str(tmp_path), "--key", VKEY) == 2
+    assert "cannot read" in capsys.readouterr().err
 
 
 def test_show(log: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -174,28 +196,37 @@ def test_show_rejects_a_negative_index(log: Path) -> None:
     assert caught.value.code == 2
 
 
-@pytest.mark.parametrize(("broken", "code"), [(False, 0), (True, 1)])
+@pytest.mark.parametrize(("broken", "code"), [(False, 0), (True, Failure.GAP)])
 def test_the_jitgate_command(log: Path, broken: bool, code: int) -> None:
     if broken:
         tamper(log)
     done = subprocess.run(
-        [sys.executable, "-m", "jitgate", "audit", "verify", str(log)],
+        [sys.executable, "-m", "jitgate", "audit", "verify", str(log), "--key", VKEY],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert done.returncode == code, done.stderr
-    assert ("broken at index 1" in done.stdout) is broken
+    assert ("FAILED: gap" in done.stdout) is broken
 
 
 def test_the_jitgate_command_on_a_missing_file(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "jitgate", "audit", "verify", str(tmp_path / "missing.db")],
+        [
+            sys.executable,
+            "-m",
+            "jitgate",
+            "audit",
+            "verify",
+            str(tmp_path / "missing.db"),
+            "--key",
+            VKEY,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert done.returncode == 2
-    assert "no such file" in done.stderr
+    assert "no such bundle or file" in done.stderr

@@ -73,7 +73,7 @@ def test_demo_walks_the_whole_path_and_leaves_nothing_running(tmp_path: Path) ->
         "DENIED   NO_BINDING",
         "REJECTED UNAUTHENTICATED",
         "live grants now: []",
-        "chain intact",
+        "checkpoints valid, 4/4 records valid",
     ):
         assert expected in out, out
     assert _processes_mentioning(str(tmp_path)) == []
