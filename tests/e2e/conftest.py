@@ -10,6 +10,9 @@ from typing import Any
 import pytest
 import redis
 
+from jitgate.audit import verify
+from jitgate.audit.checkpoint import parse_verifier_key
+from jitgate.audit.store import SqliteStore, iter_checkpoints, iter_records
 from jitgate.devstack import idp
 from jitgate.devstack.stack import Stack
 
@@ -55,3 +58,16 @@ def mint(stack: Stack, **overrides: Any) -> str:
 def state_path(stack: Stack, *parts: str) -> Path:
     """A path inside the stack's state directory."""
     return stack.state.joinpath(*parts)
+
+
+def verify_audit_log(stack: Stack) -> tuple[verify.Report, bytes]:
+    """Verify the stack's audit log offline with its checkpoint key; also return its records."""
+    verifier = parse_verifier_key(stack.audit_vkey.read_text().strip())
+    store = SqliteStore.open(stack.audit_db, read_only=True)
+    try:
+        logged = [r.canonical for r in iter_records(store)]
+        notes = [c.note for c in iter_checkpoints(store)]
+    finally:
+        store.close()
+    report = verify.verify(logged, notes, [verifier], origin=verifier.name)
+    return report, b"\n".join(logged)

@@ -9,8 +9,8 @@ import pytest
 import redis
 
 from jitgate import client as sdk
-from jitgate.audit.chain import verify_database
 from jitgate.devstack.stack import Stack
+from tests.e2e.conftest import verify_audit_log
 
 pytestmark = pytest.mark.e2e
 PROMISED = 3.0
@@ -61,5 +61,5 @@ def test_stopped_audit_then_restarted(stack: Stack, redis_admin: redis.Redis) ->
             assert time.monotonic() < deadline, "service did not resume after audit restarted"
             time.sleep(0.2)
     assert grant.grant_id
-    report = verify_database(stack.audit_db)
-    assert report.intact, report.reason
+    report, _ = verify_audit_log(stack)
+    assert report.ok, report.found
