@@ -206,17 +206,10 @@ class SqliteStore:
                 log.info("created audit log %s", self.path)
             db.execute("COMMIT")
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version == 1 and not self.read_only:
-            # A log from before checkpoints: its records stay as they are; the
-            # first append signs a checkpoint covering them too.
-            db.execute("BEGIN IMMEDIATE")
-            if db.execute("PRAGMA user_version").fetchone()[0] == 1:
-                for statement in _CHECKPOINTS:
-                    db.execute(statement)
-                log.info("audit log %s: added the checkpoints table (schema 2)", self.path)
-            db.execute("COMMIT")
-            version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
+            # Version 1 logs had no checkpoints. One cannot be added later:
+            # records with no checkpoint look exactly like a log whose
+            # checkpoints were deleted, so such a log is read, never extended.
             raise StoreError(f"{self.path} has schema version {version}, not {SCHEMA_VERSION}")
         if not self.read_only:
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]

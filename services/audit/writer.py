@@ -204,8 +204,12 @@ class Writer:
                 f"{size} stored records do not match the checkpoint of size {latest.size}:"
                 " the log was altered; run `jitgate audit verify`"
             )
+        if latest is None and size:
+            # Records are only ever stored with their checkpoint: records
+            # without one mean the checkpoints were deleted.
+            raise LogMismatch(f"{size} stored records and no checkpoint: the log was altered")
         if latest is None:
-            # A new log, or one from before checkpoints: sign what is there now.
+            # A new log: its first checkpoint is of the empty tree.
             latest = self._checkpoint(size, format_time(self._clock()))
             store.append([], latest)
         self._latest = latest

@@ -271,27 +271,6 @@ def test_checkpoints_page_in_size_order(db: Path) -> None:
         store.close()
 
 
-def test_a_schema_1_log_gains_the_checkpoints_table_and_keeps_its_records(db: Path) -> None:
-    filled(db, 2)
-    with raw(db) as other:
-        # Stand in for a log written before checkpoints existed.
-        other.execute("DROP TRIGGER checkpoints_no_delete")
-        other.execute("DELETE FROM checkpoints")
-        other.execute("DROP TRIGGER checkpoints_no_update")
-        other.execute("DROP TABLE checkpoints")
-        other.execute("PRAGMA user_version = 1")
-    with pytest.raises(StoreError, match="schema version 1"):
-        SqliteStore.open(db, read_only=True)
-    store = SqliteStore.open(db)
-    try:
-        assert store.head().size == 2
-        assert store.latest_checkpoint() is None
-    finally:
-        store.close()
-    with raw(db) as other:
-        assert other.execute("PRAGMA user_version").fetchone()[0] == 2
-
-
 def test_a_full_log_refuses_appends_and_keeps_what_it_has(db: Path) -> None:
     store = SqliteStore.open(db, max_bytes=64 * 1024)
 

@@ -321,3 +321,30 @@ def test_the_jitgate_command_exits_with_the_kind(exported: Path) -> None:
     )
     assert done.returncode == Failure.TRUNCATED, done.stdout + done.stderr
     assert "FAILED: truncated" in done.stdout
+
+
+async def test_the_writer_refuses_records_whose_checkpoints_were_deleted(db: Path) -> None:
+    with sqlite3.connect(db, isolation_level=None) as other:
+        other.execute("DROP TRIGGER checkpoints_no_delete")
+        other.execute("DELETE FROM checkpoints")
+    writer = Writer(open_store=lambda: SqliteStore.open(db), signer=SIGNER, origin=ORIGIN)
+    with pytest.raises(LogMismatch, match="no checkpoint"):
+        await writer.start()
+
+
+async def test_the_writer_refuses_records_appended_past_the_checkpoint(db: Path) -> None:
+    store = SqliteStore.open(db)
+    try:
+        head = store.head()
+        extra = records(1, head)
+    finally:
+        store.close()
+    with sqlite3.connect(db, isolation_level=None) as other:
+        item = extra[0]
+        other.execute(
+            "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)",
+            (item.index, item.time, item.caller, item.kind, item.canonical, item.record_hash),
+        )
+    writer = Writer(open_store=lambda: SqliteStore.open(db), signer=SIGNER, origin=ORIGIN)
+    with pytest.raises(LogMismatch, match="do not match the checkpoint"):
+        await writer.start()
