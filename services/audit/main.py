@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
 from jitgate.audit import checkpoint
+from jitgate.audit.pgstore import PostgresStore, describe
 from jitgate.audit.servicer import ACL, AuditServicer
-from jitgate.audit.store import SqliteStore, StoreError
+from jitgate.audit.store import SqliteStore, Store, StoreError
 from jitgate.audit.writer import Writer
 from jitgate.common import tls
 from jitgate.common.clock import system_clock
@@ -28,6 +30,29 @@ DEFAULT_LISTEN = "127.0.0.1:7446"
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 
 
+def is_postgres(location: str) -> bool:
+    """Whether JITGATE_AUDIT_DB names a PostgreSQL database (a URI or key=value conninfo)."""
+    return location.startswith(("postgresql://", "postgres://")) or "dbname=" in location
+
+
+def stores(location: str, max_bytes: int | None) -> tuple[Callable[[], Store], Callable[[], Store]]:
+    """Return how to open the writable store and a read-only one at location."""
+    if is_postgres(location):
+        if max_bytes is not None:
+            # PostgreSQL has no per-database size cap; its own disk and
+            # tablespace limits turn into refused appends the same way.
+            raise ConfigError("JITGATE_AUDIT_MAX_BYTES applies to a SQLite log only")
+        return (
+            lambda: PostgresStore.open(location),
+            lambda: PostgresStore.open(location, read_only=True),
+        )
+    path = Path(location).expanduser()
+    return (
+        lambda: SqliteStore.open(path, max_bytes=max_bytes),
+        lambda: SqliteStore.open(path, read_only=True),
+    )
+
+
 def default_origin(trust_domain: str) -> str:
     """The log's name in its checkpoints unless JITGATE_AUDIT_ORIGIN says otherwise."""
     return f"{trust_domain}/audit"
@@ -37,7 +62,7 @@ async def build(env: Env) -> tuple[Service, Writer]:
     """Open the log; return the service, not yet started, whose cleanup closes the writer."""
     listen = env.address("JITGATE_LISTEN", DEFAULT_LISTEN)
     credentials = tls.server_credentials(env.tls(), require_client_auth=True)
-    path: Path = env.path("JITGATE_AUDIT_DB")
+    location = env.string("JITGATE_AUDIT_DB")
     trust_domain = env.string("JITGATE_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN)
     if not _TRUST_DOMAIN.fullmatch(trust_domain):
         raise ConfigError(
@@ -50,8 +75,9 @@ async def build(env: Env) -> tuple[Service, Writer]:
     except checkpoint.InvalidKey as exc:
         raise ConfigError(f"JITGATE_AUDIT_ORIGIN: {exc}") from exc
     max_bytes = env.integer("JITGATE_AUDIT_MAX_BYTES", 0, low=0, high=2**62)
+    open_store, open_reader = stores(location, max_bytes or None)
     writer = Writer(
-        open_store=lambda: SqliteStore.open(path, max_bytes=max_bytes or None),
+        open_store=open_store,
         signer=signer,
         origin=origin,
         clock=system_clock,
@@ -62,7 +88,7 @@ async def build(env: Env) -> tuple[Service, Writer]:
         raise ConfigError(f"JITGATE_AUDIT_DB: {exc}") from exc
     servicer = AuditServicer(
         writer=writer,
-        open_reader=lambda: SqliteStore.open(path, read_only=True),
+        open_reader=open_reader,
         trust_domain=trust_domain,
     )
 
@@ -70,7 +96,8 @@ async def build(env: Env) -> tuple[Service, Writer]:
         audit_pb2_grpc.add_AuditServicer_to_server(servicer, server)
 
     vkey = checkpoint.verifier_key_string(origin, signer.private_key.public_key())
-    log.info("audit log at %s; its checkpoints verify with %s", path, vkey)
+    where = describe(location) if is_postgres(location) else location
+    log.info("audit log at %s; its checkpoints verify with %s", where, vkey)
     service = Service(
         name="audit",
         listen=listen,

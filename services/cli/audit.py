@@ -16,6 +16,7 @@ from jitgate.audit import bundle, verify
 from jitgate.audit.bundle import BundleError
 from jitgate.audit.checkpoint import Checkpoint, CheckpointError, NoteVerifier, parse_verifier_key
 from jitgate.audit.client import AuditClient
+from jitgate.audit.pgstore import PostgresStore, describe
 from jitgate.audit.record import StoredRecord, format_time, parse
 from jitgate.audit.store import SqliteStore, StoreError, iter_checkpoints, iter_records
 from jitgate.audit.verify import Failure
@@ -55,6 +56,16 @@ def register(verbs: Any) -> None:
     )
     verify.add_argument("--origin", help="the log's name in its checkpoints (default: the key's)")
     verify.set_defaults(func=run_verify)
+    provision = sub.add_parser(
+        "provision",
+        help="create the audit schema in a PostgreSQL database and grant the service's roles",
+    )
+    provision.add_argument(
+        "--admin-dsn", required=True, help="a connection as the tables' owner (not the writer)"
+    )
+    provision.add_argument("--writer-role", required=True, help="may INSERT and SELECT, no more")
+    provision.add_argument("--reader-role", help="may SELECT only")
+    provision.set_defaults(func=run_provision)
     show = sub.add_parser("show", help="print the records of an audit log")
     show.add_argument("db", type=Path, metavar="DB_PATH")
     show.add_argument("--from", dest="from_index", type=_index, default=0, metavar="N")
@@ -188,6 +199,19 @@ async def _export_live(args: argparse.Namespace, out: Path) -> bundle.Manifest:
         notes=(c.note for c in checkpoints),
         exported_at=format_time(time.time()),
     )
+
+
+def run_provision(args: argparse.Namespace) -> int:
+    """Create (or re-grant) the PostgreSQL audit schema; idempotent."""
+    try:
+        PostgresStore.provision(
+            args.admin_dsn, writer_role=args.writer_role, reader_role=args.reader_role
+        )
+    except StoreError as exc:
+        print(f"jitgate audit provision: {_safe(str(exc))}", file=sys.stderr)
+        return 1
+    print(f"audit schema ready in {describe(args.admin_dsn)}; writer role {args.writer_role}")
+    return 0
 
 
 def open_note_text(note: str) -> str:

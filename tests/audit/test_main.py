@@ -13,15 +13,17 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from jitgate.audit.chain import verify_database
+from jitgate.audit.chain import verify_database, verify_store
 from jitgate.audit.client import AuditClient
 from jitgate.audit.main import build
+from jitgate.audit.pgstore import PostgresStore
 from jitgate.audit.store import SqliteStore
 from jitgate.common import keys
 from jitgate.common.config import Env
 from jitgate.common.errors import ConfigError, Unavailable
 from jitgate.devstack import pki
 from jitgate.v1 import audit_pb2
+from tests.conftest import PostgresDatabase
 from tests.support import channel
 
 pytestmark = pytest.mark.integration
@@ -181,3 +183,49 @@ async def test_jitgate_serve_audit_runs_until_sigterm(tmp_path: Path, dev_pki: p
             await process.wait()
     assert process.returncode == 0, stderr.decode()
     assert verify_database(db).count == 1
+
+
+async def test_the_log_can_live_in_postgresql(
+    tmp_path: Path, dev_pki: pki.DevPki, postgres: PostgresDatabase
+) -> None:
+    PostgresStore.provision(postgres.admin, writer_role=postgres.writer_role)
+    port = free_port()
+    env = environ(dev_pki, tmp_path / "unused.db", port, JITGATE_AUDIT_DB=postgres.writer)
+    service, _ = await build(Env(env))
+    await service.start()
+    try:
+        policy = AuditClient(channel(dev_pki, "policy", port, "audit"))
+        auditor = AuditClient(channel(dev_pki, "auditor", port, "audit"))
+        try:
+            receipts = [await policy.append(EVENT, timeout=5) for _ in range(3)]
+            records = await auditor.read(timeout=5)
+            checkpoints = await auditor.checkpoints(timeout=5)
+        finally:
+            await policy.close()
+            await auditor.close()
+    finally:
+        await service.stop(grace=0.1)
+    assert [r.index for r in receipts] == [0, 1, 2]
+    assert [r.index for r in records] == [0, 1, 2]
+    assert [c.size for c in checkpoints] == [0, 1, 2, 3]
+    store = PostgresStore.open(postgres.writer, read_only=True)
+    try:
+        verified = verify_store(store)
+    finally:
+        store.close()
+    assert verified.intact
+    assert verified.count == 3
+
+
+async def test_a_size_cap_is_for_sqlite_only(
+    tmp_path: Path, dev_pki: pki.DevPki, postgres: PostgresDatabase
+) -> None:
+    env = environ(
+        dev_pki,
+        tmp_path / "unused.db",
+        free_port(),
+        JITGATE_AUDIT_DB=postgres.writer,
+        JITGATE_AUDIT_MAX_BYTES="1000000",
+    )
+    with pytest.raises(ConfigError, match="SQLite log only"):
+        await build(Env(env))
