@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck unit protos up bench bench-grant-path bench-verifier interop clean
+.PHONY: demo test check lint typecheck unit protos up bench bench-grant-path bench-verifier bench-audit bench-audit-crash interop clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,7 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 # Every benchmark; results go in bench/RESULTS.md.
-bench: bench-grant-path bench-verifier
+bench: bench-grant-path bench-verifier bench-audit
 
 # Latency of the grant path next to a one-hop floor.
 bench-grant-path: $(STAMP)
@@ -46,6 +46,14 @@ bench-grant-path: $(STAMP)
 # Verifications per second on one core beside the bare RSA check; the kid storm's fetch count.
 bench-verifier: $(STAMP)
 	$(BIN)/python bench/verifier.py
+
+# Durable audit appends/s with group commit beside one fsync per record; verifying 1M records.
+bench-audit: $(STAMP)
+	$(BIN)/python bench/audit.py
+
+# SIGKILL the audit process under load 100 times; fails if an acknowledged append is lost.
+bench-audit-crash: $(STAMP)
+	$(BIN)/python bench/audit_crash.py
 
 # jitgate against panva's oidc-provider instead of the dev IdP (needs Node.js and npm).
 interop: $(STAMP)

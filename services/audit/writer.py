@@ -59,6 +59,11 @@ class _Pending:
     future: asyncio.Future[Receipt]
 
 
+def _settle_all(settled: list[tuple[asyncio.Future[Receipt], Receipt | BaseException]]) -> None:
+    for future, outcome in settled:
+        _settle(future, outcome)
+
+
 def _settle(future: asyncio.Future[Receipt], outcome: Receipt | BaseException) -> None:
     if future.done():  # the caller gave up (deadline); the record may still be durable
         return
@@ -257,19 +262,24 @@ class Writer:
                 log.exception("audit batch of %d appends failed unexpectedly", len(batch))
                 failure = StoreError(f"unexpected: {type(exc).__name__}")
             self._resync(store, size)
-            for pending in batch:
-                self._reply(pending, failure)
+            self._reply_all([(pending, failure) for pending in batch])
             return
         self._latest = checkpoint
         self.transactions += 1
-        for pending, stored, leaf in zip(accepted, records, leaves, strict=True):
-            receipt = Receipt(
-                index=stored.index,
-                record_hash=stored.record_hash,
-                leaf_hash=leaf,
-                checkpoint_size=checkpoint.size,
-            )
-            self._reply(pending, receipt)
+        self._reply_all(
+            [
+                (
+                    pending,
+                    Receipt(
+                        index=stored.index,
+                        record_hash=stored.record_hash,
+                        leaf_hash=leaf,
+                        checkpoint_size=checkpoint.size,
+                    ),
+                )
+                for pending, stored, leaf in zip(accepted, records, leaves, strict=True)
+            ]
+        )
 
     def _resync(self, store: Store, size: int) -> None:
         # After a failed commit the batch may or may not be on disk (an fsync
@@ -312,6 +322,19 @@ class Writer:
             accepted.append(pending)
             prev = stored.record_hash
         return records, accepted, now
+
+    @staticmethod
+    def _reply_all(outcomes: list[tuple[_Pending, Receipt | BaseException]]) -> None:
+        # One wake-up per event loop for the whole batch, not one per append:
+        # the writer thread is the sequencer, and its time is the log's speed.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Receipt], Any]]] = {}
+        for pending, outcome in outcomes:
+            by_loop.setdefault(pending.loop, []).append((pending.future, outcome))
+        for loop, settled in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle_all, settled)
+            except RuntimeError:  # the caller's event loop is closed; nobody is waiting
+                log.debug("audit replies dropped: event loop closed")
 
     @staticmethod
     def _reply(pending: _Pending, outcome: Receipt | BaseException) -> None:
