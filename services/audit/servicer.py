@@ -34,7 +34,7 @@ exports; checkpoints and proofs, which are hashes and nothing else, also serve
 the core services that hold receipts."""
 ALLOWED_KINDS: dict[str, frozenset[str]] = {
     "verifier": frozenset({"token_rejected"}),
-    "policy": frozenset({"decision", "revocation"}),
+    "policy": frozenset({"decision", "revocation", "policy_change"}),
     "proxy": frozenset({"redemption", "session_closed"}),
 }
 """The event kinds each workload may append: a service speaks only for itself."""

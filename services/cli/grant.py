@@ -1,4 +1,4 @@
-"""`jitgate grant request|get|list|revoke`: the agent's side of the Issuer API.
+"""`jitgate grant`: the agent's side of the Issuer API, and the operator's revocations.
 
 Exit codes tell outcomes apart for scripts: 0 done, 3 denied, 4 token rejected,
 5 jitgate unavailable, 6 no such grant, 2 a malformed request or a usage error.
@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from jitgate.client import (
     Denied,
     Grant,
@@ -22,7 +24,10 @@ from jitgate.client import (
     NotFound,
     Unauthenticated,
 )
+from jitgate.common import tls
+from jitgate.common.config import Env
 from jitgate.common.errors import ConfigError
+from jitgate.v1 import policy_pb2, policy_pb2_grpc
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -59,8 +64,24 @@ def register(verbs: Any) -> None:
     get.set_defaults(func=run)
     listing = sub.add_parser("list", parents=[common], help="your live grants")
     listing.set_defaults(func=run)
-    revoke = sub.add_parser("revoke", parents=[common], help="revoke one of your grants")
-    revoke.add_argument("grant_id")
+    revoke = sub.add_parser(
+        "revoke",
+        parents=[common],
+        help="revoke your grant; the operator: any grant, or all of a subject or connection",
+        description="An agent revokes its own grant through the issuer with its token. The"
+        " operator (JITGATE_TLS_* naming the operator certificate) revokes through the"
+        " policy service: one grant with --policy, or every live grant of --subject or"
+        " --connection.",
+    )
+    revoke.add_argument("grant_id", nargs="?")
+    target = revoke.add_mutually_exclusive_group()
+    target.add_argument("--subject", help="operator: every live grant of this subject")
+    target.add_argument("--connection", help="operator: every live grant of this connection")
+    revoke.add_argument(
+        "--policy",
+        default=os.environ.get("JITGATE_POLICY_ADDR"),
+        help="operator: the policy service, host:port ($JITGATE_POLICY_ADDR)",
+    )
     revoke.add_argument("--reason", default="")
     revoke.set_defaults(func=run)
 
@@ -135,8 +156,61 @@ def _act(client: IssuerClient, args: argparse.Namespace) -> None:
             print(f"revoked {args.grant_id} at {revoked:%Y-%m-%d %H:%M:%S} UTC")
 
 
+def _operator(args: argparse.Namespace) -> bool:
+    """Whether this revoke is the operator's (through policy) rather than an agent's."""
+    bulk = bool(getattr(args, "subject", None) or getattr(args, "connection", None))
+    if args.action != "revoke":
+        return False
+    if bulk and args.grant_id:
+        raise ConfigError("give a grant id, or --subject, or --connection: one of them")
+    if not bulk and not args.grant_id:
+        raise ConfigError("revoke what? give a grant id, --subject or --connection")
+    return bulk or (
+        bool(args.policy) and not args.token_file and not os.environ.get("JITGATE_TOKEN")
+    )
+
+
+def _revoke_as_operator(args: argparse.Namespace) -> int:
+    if not args.policy:
+        raise ConfigError("no policy service: set JITGATE_POLICY_ADDR or pass --policy host:port")
+    if args.subject:
+        request = policy_pb2.RevokeGrantsRequest(subject=args.subject, reason=args.reason)
+    elif args.connection:
+        request = policy_pb2.RevokeGrantsRequest(connection=args.connection, reason=args.reason)
+    else:
+        request = policy_pb2.RevokeGrantsRequest(grant_id=args.grant_id, reason=args.reason)
+    credentials = tls.channel_credentials(Env().tls())
+    options = [("grpc.ssl_target_name_override", "policy")]
+    with grpc.secure_channel(args.policy, credentials, options=options) as channel:
+        try:
+            response = policy_pb2_grpc.PolicyStub(channel).RevokeGrants(
+                request, timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            call: grpc.Call = exc  # type: ignore[assignment]  # sync errors are calls
+            code = {
+                grpc.StatusCode.PERMISSION_DENIED: EXIT_DENIED,
+                grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
+                grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
+            }.get(call.code(), EXIT_UNAVAILABLE)
+            message = call.details() or call.code().name
+            if args.json:
+                print(json.dumps({"error": call.code().name.lower(), "message": message}))
+            else:
+                print(f"jitgate: {call.code().name.lower()}: {message}", file=sys.stderr)
+            return code
+    revoked = list(response.grant_ids)
+    if args.json:
+        print(json.dumps({"revoked": revoked, "revoked_at": response.revoked_at.ToJsonString()}))
+    else:
+        print(f"revoked {len(revoked)} grant(s)" + "".join(f"\n  {g}" for g in revoked))
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
     """Perform one grant action and return its exit code."""
+    if _operator(args):
+        return _revoke_as_operator(args)
     if not args.issuer:
         raise ConfigError("no issuer: set JITGATE_ISSUER or pass --issuer host:port")
     client = IssuerClient(args.issuer, token=_token(args), ca_file=args.ca, timeout=args.timeout)

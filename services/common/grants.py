@@ -35,6 +35,27 @@ def revoked_key(grant_id: str) -> str:
     return f"revoked:{grant_id}"
 
 
+def _digest(*parts: str) -> str:
+    # Attacker-influenced text (subjects) must not shape key names or ACL
+    # patterns; a separator that cannot occur in either part keeps pairs apart.
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
+
+
+def subject_index_key(subject: str) -> str:
+    """The policy service's sorted set of a subject's signed grant ids, scored by expiry in ms."""
+    return f"issued:by-subject:{_digest(subject)}"
+
+
+def connection_index_key(connection: str) -> str:
+    """The policy service's sorted set of a connection's signed grant ids, by expiry in ms."""
+    return f"issued:by-connection:{_digest(connection)}"
+
+
+def slots_key(subject: str, connection: str) -> str:
+    """The live grants of one subject on one connection, counted against max_concurrent."""
+    return f"issued:slots:{_digest(subject, connection)}"
+
+
 def agent_index_key(subject: str) -> str:
     """The Redis sorted set of one agent's grant ids, scored by expiry in ms.
 

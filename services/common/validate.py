@@ -44,6 +44,15 @@ def reason(value: str, field: str = "reason") -> str:
     return value
 
 
+def label(field: str, value: str, max_chars: int = 256) -> str:
+    """Return value if it is a non-empty printable name of bounded length (e.g. a subject)."""
+    if not value:
+        raise InvalidArgument(field, "is required")
+    if len(value) > max_chars or not value.isprintable():
+        raise InvalidArgument(field, f"must be at most {max_chars} printable characters")
+    return value
+
+
 def ttl_seconds(value: int, field: str = "ttl_seconds") -> int:
     """Return value if it is 0 (the binding's maximum) or a lifetime jitgate allows."""
     if value < 0 or value > MAX_TTL_SECONDS:

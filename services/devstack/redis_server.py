@@ -33,8 +33,10 @@ ACL_RULES: Mapping[str, str] = {
         " +zremrangebyscore"
     ),
     "policy": (
-        "resetchannels ~issued:* ~revoked:* &jitgate:revocations -@all +ping +hset +hgetall"
-        " +get +set +pexpireat +publish +multi +exec +discard"
+        "resetchannels ~issued:* ~revoked:* ~grant:* ~agent:* &jitgate:revocations -@all +ping"
+        " +hset +hgetall +get +set +del +pexpireat +publish +multi +exec +discard"
+        " +zadd +zrem +zrangebyscore +zremrangebyscore +zcard +zrange +time +pttl"
+        " +evalsha +script|load +script|exists"
     ),
     "proxy": (
         "resetchannels ~grant:* ~issued:* ~revoked:* &jitgate:revocations -@all +ping"

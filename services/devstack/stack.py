@@ -23,6 +23,7 @@ from jitgate.common.errors import ConfigError
 from jitgate.common.identity import DEFAULT_TRUST_DOMAIN
 from jitgate.devstack import children, idp, pki
 from jitgate.devstack.redis_server import RedisServer, free_port, provision
+from jitgate.policy import keyring
 
 SERVICES = ("audit", "verifier", "policy", "issuer")
 """In start order: each one's dependencies start before it."""
@@ -87,6 +88,11 @@ class Stack:
         return self.state / "keys" / "audit.vkey"
 
     @property
+    def policy_keys(self) -> Path:
+        """The policy service's grant-signing key directory, for `jitgate keys`."""
+        return self.state / "keys" / "policy-grant"
+
+    @property
     def policy_file(self) -> Path:
         """The policy the policy service loads (copied from the example on first start)."""
         return self.state / "policy.toml"
@@ -126,10 +132,13 @@ class Stack:
         for folder in (self.state, self.logs, self.audit_db.parent, self.state / "keys"):
             folder.mkdir(parents=True, exist_ok=True)
         pki.init(self.pki.root)
-        for name in ("verifier", "policy", "audit"):
+        for name in ("verifier", "audit"):
             private = self.state / "keys" / f"{name}-signing.key"
             if not private.exists():
                 keys.create_pair(private, self.state / "keys" / f"{name}-signing.pub")
+        # Grant keys in a key directory, as `jitgate keys init` makes it: rotatable.
+        if not (self.policy_keys / keyring.MANIFEST).exists():
+            keyring.init(self.policy_keys)
         # What an auditor is handed to check checkpoints: the C2SP verifier key.
         if not self.audit_vkey.exists():
             public = keys.load_public_keys(self.state / "keys" / "audit-signing.pub")[0]
@@ -175,11 +184,12 @@ class Stack:
         elif name == "policy":
             env |= {
                 "JITGATE_POLICY_FILE": str(self.policy_file),
-                "JITGATE_POLICY_SIGNING_KEY": str(keys_dir / "policy-signing.key"),
+                "JITGATE_POLICY_KEYS_DIR": str(self.policy_keys),
                 "JITGATE_VERIFIER_PUBLIC_KEYS": str(keys_dir / "verifier-signing.pub"),
                 "JITGATE_AUDIT_ADDR": self.address("audit"),
                 "JITGATE_REDIS_URL": self.redis_url("policy"),
             }
+            env.pop("JITGATE_POLICY_SIGNING_KEY", None)  # one source of grant keys
         elif name == "issuer":
             env |= {
                 "JITGATE_VERIFIER_ADDR": self.address("verifier"),

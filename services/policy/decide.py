@@ -12,12 +12,18 @@ NO_BINDING = "NO_BINDING"
 CONNECTION_UNKNOWN = "CONNECTION_UNKNOWN"
 TOKEN_EXPIRING = "TOKEN_EXPIRING"  # noqa: S105  # a reason code, not a secret
 """The agent's token ends before a grant of at least MIN_TTL could."""
+REASON_REQUIRED = "REASON_REQUIRED"
+"""The binding asks the agent to say why, and the request did not."""
+CONCURRENCY_LIMIT = "CONCURRENCY_LIMIT"
+"""The subject already holds the binding's max_concurrent live grants of the connection."""
 MIN_TTL = 1
 
 MESSAGES = {
     NO_BINDING: "no policy binding gives any of your groups this connection",
     CONNECTION_UNKNOWN: "no such connection",
     TOKEN_EXPIRING: "your access token expires too soon; get a new one and ask again",
+    REASON_REQUIRED: "this connection needs a reason: say why you need it",
+    CONCURRENCY_LIMIT: "you already hold as many grants of this connection as allowed",
 }
 
 
@@ -46,8 +52,9 @@ def decide(policy: Policy, request: Request, *, now: float) -> Decision:
     """Return the decision on request under policy at time now.
 
     The first binding in file order whose group the identity holds decides.
-    Granted lifetime = min(requested or max_ttl, max_ttl, what is left of the
-    token): a grant never outlives the token that asked for it.
+    Granted lifetime = min(requested or max_ttl, max_ttl, the ceiling, what is
+    left of the token): a grant never outlives the token that asked for it.
+    The concurrency cap needs the live grants, so the servicer applies it.
     """
     connection = policy.connections.get(request.connection)
     if connection is None:
@@ -58,9 +65,11 @@ def decide(policy: Policy, request: Request, *, now: float) -> Decision:
         return Decision(reason_code=NO_BINDING, connection=connection)
     wanted = request.ttl_seconds or binding.max_ttl
     token_left = int(request.identity.token_expires_at - now)
-    ttl = min(wanted, binding.max_ttl, token_left)
+    ttl = min(wanted, binding.max_ttl, policy.ttl_ceiling, token_left)
     if ttl < MIN_TTL:
         return Decision(reason_code=TOKEN_EXPIRING, binding=binding, connection=connection)
+    if binding.require_reason and not request.reason.strip():
+        return Decision(reason_code=REASON_REQUIRED, binding=binding, connection=connection)
     return Decision(
         allowed=True, reason_code=ALLOWED, binding=binding, connection=connection, ttl_seconds=ttl
     )

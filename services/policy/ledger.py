@@ -16,7 +16,17 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from jitgate.common.errors import Unavailable
-from jitgate.common.grants import REVOCATION_CHANNEL, GrantRecord, issued_key, revoked_key
+from jitgate.common.grants import (
+    REVOCATION_CHANNEL,
+    GrantRecord,
+    agent_index_key,
+    connection_index_key,
+    grant_key,
+    issued_key,
+    revoked_key,
+    slots_key,
+    subject_index_key,
+)
 
 MARKER_MARGIN_MS = 60_000
 """Records and markers outlive their grant a little, so a proxy racing the expiry sees them."""
@@ -26,24 +36,107 @@ def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
+# Take one of `limit` slots, atomically: Redis runs a script alone, so two
+# requests can never both see the last free slot (the check and the add are
+# one step). Time is the server's, shared by every policy replica.
+_TAKE_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, tonumber(first[2]) - now}
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], last[2])
+return {1, 0}
+"""
+
+
+# Index a grant, and make each index live as long as its longest grant: an
+# expiry is only ever pushed later (Redis 6.2 has no PEXPIREAT GT).
+_INDEX = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, ARGV[2], ARGV[1])
+  local left = redis.call('PTTL', key)
+  if left < 0 or now + left < tonumber(ARGV[3]) then
+    redis.call('PEXPIREAT', key, ARGV[3])
+  end
+end
+return 1
+"""
+
+
+class SlotsTaken(Exception):
+    """Every slot is held; one frees in retry_after seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"a slot frees in {retry_after:.1f}s")
+        self.retry_after = retry_after
+
+
 class Ledger:
     """Issued grants and revocation markers in Redis; any Redis failure is Unavailable."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
+        self._take = client.register_script(_TAKE_SLOT)
+        self._index = client.register_script(_INDEX)
 
     async def issue(self, record: GrantRecord) -> None:
-        """Remember a grant the policy service is about to sign, until shortly after it ends."""
+        """Remember a grant the policy service is about to sign, until shortly after it ends.
+
+        It is also indexed by subject and by connection, so an operator can
+        revoke every grant of either without the issuer's help.
+        """
         fields: Any = record.to_hash()  # redis-py types mapping keys invariantly
+        until = _ms(record.expires_at) + MARKER_MARGIN_MS
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(issued_key(record.grant_id), mapping=fields)
-                pipe.pexpireat(
-                    issued_key(record.grant_id), _ms(record.expires_at) + MARKER_MARGIN_MS
+                pipe.pexpireat(issued_key(record.grant_id), until)
+                await self._index(
+                    keys=[
+                        subject_index_key(record.subject),
+                        connection_index_key(record.connection),
+                    ],
+                    args=[record.grant_id, _ms(record.expires_at), until],
+                    client=pipe,
                 )
                 await pipe.execute()
         except RedisError as exc:
             raise Unavailable("redis", str(exc)) from exc
+
+    async def take_slot(self, record: GrantRecord, limit: int) -> None:
+        """Count record against its subject's limit on its connection, or raise SlotsTaken."""
+        try:
+            taken, wait_ms = await self._take(
+                keys=[slots_key(record.subject, record.connection)],
+                args=[record.grant_id, _ms(record.expires_at), limit],
+            )
+        except RedisError as exc:
+            raise Unavailable("redis", str(exc)) from exc
+        if not int(taken):
+            raise SlotsTaken(max(0.0, int(wait_ms) / 1000))
+
+    async def release_slot(self, record: GrantRecord) -> None:
+        """Give back a slot: the grant was never signed, or was revoked."""
+        try:
+            await self._redis.zrem(slots_key(record.subject, record.connection), record.grant_id)
+        except RedisError as exc:
+            raise Unavailable("redis", str(exc)) from exc
+
+    async def live(self, *, subject: str = "", connection: str = "", now: float) -> list[str]:
+        """Return the ids of grants signed for subject (or connection) that have not expired."""
+        key = subject_index_key(subject) if subject else connection_index_key(connection)
+        try:
+            ids = await self._redis.zrangebyscore(key, f"({_ms(now)}", "+inf")
+        except RedisError as exc:
+            raise Unavailable("redis", str(exc)) from exc
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
     async def issued(self, grant_id: str) -> GrantRecord | None:
         """Return the grant as the policy service signed it, or None."""
@@ -67,7 +160,13 @@ class Ledger:
             return 0.0  # a marker we cannot read still means revoked
 
     async def revoke(self, record: GrantRecord, *, actor: str, now: float) -> None:
-        """Write the marker, then tell every proxy; a marker alone already stops redemption."""
+        """Write the marker, forget the grant everywhere, then tell every proxy.
+
+        The marker alone already stops redemption. The issuer's copy and index
+        entry go too (policy may write them; the issuer may not write markers),
+        so a grant revoked by an operator leaves the agent's ListGrants at once,
+        and its concurrency slot is free for the next request.
+        """
         marker = json.dumps({"at": now, "by": actor})
         # Never at or before now: a marker must not vanish the moment it is set.
         expiry = _ms(max(record.expires_at, now)) + MARKER_MARGIN_MS
@@ -75,6 +174,9 @@ class Ledger:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(revoked_key(record.grant_id), marker)
                 pipe.pexpireat(revoked_key(record.grant_id), expiry)
+                pipe.delete(grant_key(record.grant_id))
+                pipe.zrem(agent_index_key(record.subject), record.grant_id)
+                pipe.zrem(slots_key(record.subject, record.connection), record.grant_id)
                 pipe.publish(REVOCATION_CHANNEL, record.grant_id)
                 await pipe.execute()
         except RedisError as exc:

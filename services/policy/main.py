@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
 
 from jitgate.audit.client import AuditClient
 from jitgate.common import assertion, grants, keyfiles, keys, redisconn, tls
 from jitgate.common.clock import system_clock
 from jitgate.common.config import Env
+from jitgate.common.errors import ConfigError
 from jitgate.common.identity import DEFAULT_TRUST_DOMAIN, spiffe_id
 from jitgate.common.server import Service
 from jitgate.policy import model
+from jitgate.policy.holder import PolicyHolder
+from jitgate.policy.keyring import GrantKeys, RotatingKeys, SingleKey
 from jitgate.policy.ledger import Ledger
 from jitgate.policy.servicer import ACL, PolicyServicer, PolicySettings
 from jitgate.v1 import policy_pb2_grpc
@@ -18,11 +26,29 @@ from jitgate.v1 import policy_pb2_grpc
 log = logging.getLogger(__name__)
 
 
+def _grant_keys(env: Env, trust_domain: str, ttl_ceiling: Callable[[], float]) -> GrantKeys:
+    """Return JITGATE_POLICY_KEYS_DIR's rotating keys, else JITGATE_POLICY_SIGNING_KEY's one."""
+    directory = env.optional("JITGATE_POLICY_KEYS_DIR")
+    if directory is None:
+        return SingleKey(
+            grants.token_signer(
+                keys.load_private(env.path("JITGATE_POLICY_SIGNING_KEY")), trust_domain
+            )
+        )
+    if env.optional("JITGATE_POLICY_SIGNING_KEY") is not None:
+        raise ConfigError("set JITGATE_POLICY_KEYS_DIR or JITGATE_POLICY_SIGNING_KEY, not both")
+    # Rotated by `jitgate keys` without a restart (docs/key-rotation.md).
+    return RotatingKeys(
+        Path(directory).expanduser(), trust_domain=trust_domain, ttl_ceiling=ttl_ceiling
+    )
+
+
 async def serve(env: Env) -> None:
     """Load the policy and keys, connect to audit and Redis, serve until signalled."""
     trust_domain = env.string("JITGATE_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN)
     files = env.tls()
-    policy = model.load(env.path("JITGATE_POLICY_FILE"))
+    policy_file = env.path("JITGATE_POLICY_FILE")
+    policy = model.load(policy_file)
     log.info(
         "policy %s: %d connections, %d bindings",
         policy.version[:12],
@@ -33,25 +59,27 @@ async def serve(env: Env) -> None:
     # re-read when they change, so adding or removing one needs no restart
     # (docs/key-rotation.md).
     verifier_keys = keyfiles.PublicKeyFiles(env.paths("JITGATE_VERIFIER_PUBLIC_KEYS"))
-    signer = grants.token_signer(
-        keys.load_private(env.path("JITGATE_POLICY_SIGNING_KEY")), trust_domain
-    )
     redis_url = env.string("JITGATE_REDIS_URL")
     audit_channel = tls.secure_channel(
         env.address("JITGATE_AUDIT_ADDR"), tls.channel_credentials(files), server_name="audit"
     )
     audit = AuditClient(audit_channel)
+    audit_deadline = env.seconds("JITGATE_AUDIT_DEADLINE", 2.0, low=0.05, high=30.0)
+    # The file is watched, and SIGHUP asks for a reload now; a bad file keeps
+    # this policy answering (services/policy/holder.py).
+    holder = PolicyHolder(policy_file, policy, audit=audit, audit_deadline=audit_deadline)
     ledger = Ledger(redisconn.connect(redis_url))
     log.info("redis %s", redisconn.redacted(redis_url))
     servicer = PolicyServicer(
-        policy=lambda: policy,
+        policy=holder.current,
         assertions=assertion.checker(verifier_keys, trust_domain),
-        signer=signer,
+        grant_keys=_grant_keys(env, trust_domain, lambda: holder.current().ttl_ceiling),
         audit=audit,
         ledger=ledger,
         settings=PolicySettings(
             grant_audience=env.string("JITGATE_GRANT_AUDIENCE", spiffe_id("proxy", trust_domain)),
-            audit_deadline=env.seconds("JITGATE_AUDIT_DEADLINE", 2.0, low=0.05, high=30.0),
+            audit_deadline=audit_deadline,
+            trust_domain=trust_domain,
         ),
         clock=system_clock,
     )
@@ -65,4 +93,11 @@ async def serve(env: Env) -> None:
         cleanup=[audit.close, ledger.close],
         trust_domain=trust_domain,
     )
-    await service.run_until_signalled()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, holder.poke)
+    watcher = asyncio.create_task(holder.run(), name="policy-reload")
+    try:
+        await service.run_until_signalled()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher

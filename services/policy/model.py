@@ -10,7 +10,7 @@ import hashlib
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ KINDS = ("postgres", "ssh", "kubernetes")
 DEFAULT_TTL_CEILING = 15 * 60
 _DURATION = re.compile(r"([0-9]+)(s|m|h)?")  # ASCII digits only
 _UNITS = {"s": 1, "m": 60, "h": 3600, None: 1}
+_TAG = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_NAMESPACE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # Kubernetes: an RFC 1123 label
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,15 +32,39 @@ class Connection:
     name: str
     kind: str
     description: str = ""
+    environment: str = ""
+    """A tag such as "production" or "staging", shown by explain and recorded with grants."""
+    read_only: bool = False
+    namespace: str = ""
+    """For kind "kubernetes": the one namespace the connection reaches."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class Binding:
-    """Members of group may have connection for at most max_ttl seconds."""
+    """Members of group may have connection for at most max_ttl seconds, on conditions."""
 
     group: str
     connection: str
     max_ttl: int
+    require_reason: bool = False
+    """The request must say why (recorded in the audit log)."""
+    max_concurrent: int | None = None
+    """Live grants of this connection one subject may hold at once; None: no cap."""
+    path: str = field(default="", compare=False)
+    """Where in the file the binding is, for messages."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Finding:
+    """A problem lint reports: an error stops the policy loading, a warning does not."""
+
+    severity: str
+    code: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.path}: {self.message} [{self.code}]"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +98,20 @@ class _Reader:
                 raise ConfigError(
                     f"{self._where(key)}: unknown key; expected one of {', '.join(sorted(allowed))}"
                 )
+
+    def boolean(self, key: str, *, default: bool) -> bool:
+        value = self.table.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._where(key)}: must be true or false")
+        return value
+
+    def count(self, key: str) -> int | None:
+        value = self.table.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+            raise ConfigError(f"{self._where(key)}: must be a whole number from 1 to 1000")
+        return value
 
     def string(self, key: str, *, default: str | None = None) -> str:
         value = self.table.get(key, default)
@@ -110,11 +150,31 @@ def _connection(name: str, table: Any) -> Connection:
     except InvalidArgument as exc:
         raise ConfigError(f"{path}: the name {exc.description}") from None
     reader = _Reader(table, path)
-    reader.no_extra({"kind", "description"})
+    reader.no_extra({"kind", "description", "environment", "read_only", "namespace"})
     kind = reader.string("kind")
     if kind not in KINDS:
         raise ConfigError(f"{path}.kind: {kind!r} is not one of {', '.join(KINDS)}")
-    return Connection(name=name, kind=kind, description=reader.string("description", default=""))
+    environment = reader.string("environment", default="")
+    if environment and not _TAG.fullmatch(environment):
+        raise ConfigError(f'{path}.environment: {environment!r} is not a tag like "staging"')
+    namespace = reader.string("namespace", default="")
+    # A kubernetes connection is one namespace, never a cluster: without one
+    # it would mean "everything the credential can reach".
+    if kind == "kubernetes" and not _NAMESPACE.fullmatch(namespace):
+        raise ConfigError(
+            f"{path}.namespace: a kubernetes connection names exactly one namespace"
+            " (an RFC 1123 label)"
+        )
+    if kind != "kubernetes" and "namespace" in table:
+        raise ConfigError(f"{path}.namespace: only a kubernetes connection has a namespace")
+    return Connection(
+        name=name,
+        kind=kind,
+        description=reader.string("description", default=""),
+        environment=environment,
+        read_only=reader.boolean("read_only", default=False),
+        namespace=namespace,
+    )
 
 
 def _group(name: str, path: str) -> str:
@@ -128,7 +188,15 @@ def _group(name: str, path: str) -> str:
 
 
 def parse(data: str | bytes, *, source: str = "policy") -> Policy:
-    """Return the Policy in TOML data, or raise ConfigError naming the offending key path.
+    """Return the usable Policy in TOML data, or raise ConfigError naming the key path."""
+    return checked(read(data, source=source), source)
+
+
+def read(data: str | bytes, *, source: str = "policy") -> Policy:
+    """Return the Policy in TOML data if its shape is right, or raise ConfigError.
+
+    The shape: every key known, every value of its type. What the bindings
+    mean together (see errors) is for parse and lint to check.
 
     The policy's version is the SHA-256 of the bytes as given, so it matches
     `sha256sum policy.toml` whatever the file's line endings.
@@ -158,27 +226,69 @@ def parse(data: str | bytes, *, source: str = "policy") -> Policy:
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: must be a table")
         reader = _Reader(table, path)
-        reader.no_extra({"group", "connection", "max_ttl"})
-        binding = Binding(
-            group=_group(reader.string("group"), f"{path}.group"),
-            connection=reader.string("connection"),
-            max_ttl=reader.duration("max_ttl"),
-        )
-        if binding.connection not in connections:
-            raise ConfigError(f"{path}.connection: {binding.connection!r} is not a connection")
-        if binding.max_ttl > ceiling:
-            raise ConfigError(f"{path}.max_ttl: {binding.max_ttl}s is above ttl_ceiling {ceiling}s")
-        if any((b.group, b.connection) == (binding.group, binding.connection) for b in bindings):
-            raise ConfigError(
-                f"{path}: duplicate binding of {binding.group} to {binding.connection}"
+        reader.no_extra({"group", "connection", "max_ttl", "require_reason", "max_concurrent"})
+        bindings.append(
+            Binding(
+                group=_group(reader.string("group"), f"{path}.group"),
+                connection=reader.string("connection"),
+                max_ttl=reader.duration("max_ttl"),
+                require_reason=reader.boolean("require_reason", default=False),
+                max_concurrent=reader.count("max_concurrent"),
+                path=path,
             )
-        bindings.append(binding)
+        )
     return Policy(
         connections=connections,
         bindings=tuple(bindings),
         ttl_ceiling=ceiling,
         version=hashlib.sha256(raw).hexdigest(),
     )
+
+
+def errors(policy: Policy) -> list[Finding]:
+    """Return what makes policy unusable: a binding to no connection, over the ceiling, twice."""
+    found: list[Finding] = []
+    seen: set[tuple[str, str]] = set()
+    for binding in policy.bindings:
+        if binding.connection not in policy.connections:
+            found.append(
+                Finding(
+                    severity="error",
+                    code="unknown-connection",
+                    path=f"{binding.path}.connection",
+                    message=f"{binding.connection!r} is not a connection",
+                )
+            )
+        if binding.max_ttl > policy.ttl_ceiling:
+            found.append(
+                Finding(
+                    severity="error",
+                    code="ttl-above-ceiling",
+                    path=f"{binding.path}.max_ttl",
+                    message=f"{binding.max_ttl}s is above ttl_ceiling {policy.ttl_ceiling}s",
+                )
+            )
+        key = (binding.group, binding.connection)
+        if key in seen:
+            found.append(
+                Finding(
+                    severity="error",
+                    code="duplicate-binding",
+                    path=binding.path,
+                    message=f"{binding.group!r} is bound to {binding.connection!r} again",
+                )
+            )
+        seen.add(key)
+    return found
+
+
+def checked(policy: Policy, source: str) -> Policy:
+    """Return policy if it has no errors, else raise ConfigError listing them."""
+    problems = errors(policy)
+    if problems:
+        listed = "; ".join(f"{f.path}: {f.message}" for f in problems)
+        raise ConfigError(f"{source}: {listed}" if source != "policy" else listed)
+    return policy
 
 
 def load(path: Path) -> Policy:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from jitgate.audit.client import AuditClient
 from jitgate.common import assertion, validate, wire
 from jitgate.common.clock import Clock
-from jitgate.common.errors import NotFound, PermissionDenied
+from jitgate.common.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from jitgate.common.grants import GrantRecord
-from jitgate.common.jws import Checker, Signer
-from jitgate.common.rpc import ServicerContext
-from jitgate.policy.decide import MESSAGES, Decision, Request, decide
-from jitgate.policy.ledger import Ledger
+from jitgate.common.identity import DEFAULT_TRUST_DOMAIN, spiffe_id
+from jitgate.common.jws import Checker
+from jitgate.common.rpc import ServicerContext, caller
+from jitgate.policy.decide import CONCURRENCY_LIMIT, MESSAGES, Decision, Request, decide
+from jitgate.policy.keyring import GrantKeys
+from jitgate.policy.ledger import Ledger, SlotsTaken
 from jitgate.policy.model import Policy
 from jitgate.v1 import audit_pb2, policy_pb2, policy_pb2_grpc, types_pb2
 
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 ACL = {
     "/jitgate.v1.Policy/Decide": frozenset({"issuer"}),
     "/jitgate.v1.Policy/Revoke": frozenset({"issuer"}),
+    "/jitgate.v1.Policy/RevokeGrants": frozenset({"operator"}),
+    "/jitgate.v1.Policy/GetGrantKeys": frozenset({"proxy"}),
 }
 
 
@@ -40,6 +44,7 @@ class PolicySettings:
 
     grant_audience: str
     audit_deadline: float
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):
@@ -50,7 +55,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         *,
         policy: Callable[[], Policy],
         assertions: Checker,
-        signer: Signer,
+        grant_keys: GrantKeys,
         audit: AuditClient,
         ledger: Ledger,
         settings: PolicySettings,
@@ -58,7 +63,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     ) -> None:
         self._policy = policy
         self._assertions = assertions
-        self._signer = signer
+        self._grant_keys = grant_keys
         self._audit = audit
         self._ledger = ledger
         self._settings = settings
@@ -88,6 +93,30 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         )
         grant_id = secrets.token_hex(16) if decision.allowed else ""
         issued_at, expires_at = now, now + decision.ttl_seconds
+        retry_after: float | None = None
+        grant = None
+        if decision.allowed and decision.connection is not None and decision.binding is not None:
+            grant = GrantRecord(
+                grant_id=grant_id,
+                subject=identity.subject,
+                client_id=identity.client_id,
+                connection=connection,
+                connection_kind=decision.connection.kind,
+                issued_at=issued_at,
+                expires_at=expires_at,
+                proxy_endpoint="",
+            )
+            if decision.binding.max_concurrent is not None:
+                # Race-free: the slot is taken atomically in Redis before
+                # anything is recorded, and given back if nothing is signed.
+                try:
+                    await self._ledger.take_slot(grant, decision.binding.max_concurrent)
+                except SlotsTaken as full:
+                    retry_after = full.retry_after
+                    decision = replace(
+                        decision, allowed=False, reason_code=CONCURRENCY_LIMIT, ttl_seconds=0
+                    )
+                    grant_id, grant = "", None
         record = audit_pb2.DecisionRecorded(
             connection=connection,
             requested_ttl_seconds=ttl,
@@ -103,37 +132,33 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         )
         # Fail closed: no durable record, no grant (and no denial either: the
         # caller learns only that jitgate could not decide now).
-        receipt = await self._audit.append(
-            audit_pb2.AuditEvent(decision=record), timeout=self._deadline(context)
-        )
+        try:
+            receipt = await self._audit.append(
+                audit_pb2.AuditEvent(decision=record), timeout=self._deadline(context)
+            )
+        except Unavailable:
+            if grant is not None and decision.binding and decision.binding.max_concurrent:
+                await self._ledger.release_slot(grant)
+            raise
         log.info(
-            "decision %s for %s on %s: %s (audit index %d)",
+            "decision %s for %s on %s: %s (audit index %d, checkpoint %d)",
             grant_id or "-",
             identity.subject,
             connection,
             decision.reason_code,
             receipt.index,
+            receipt.checkpoint_size,
         )
-        if not decision.allowed or decision.connection is None:
+        if not decision.allowed or decision.connection is None or grant is None:
             raise PermissionDenied(
                 decision.reason_code,
                 MESSAGES.get(decision.reason_code, "denied"),
                 metadata={"connection": connection},
+                retry_after=retry_after,
             )
         # Remember what is signed, where the edge cannot rewrite it (Revoke reads it).
-        await self._ledger.issue(
-            GrantRecord(
-                grant_id=grant_id,
-                subject=identity.subject,
-                client_id=identity.client_id,
-                connection=connection,
-                connection_kind=decision.connection.kind,
-                issued_at=issued_at,
-                expires_at=expires_at,
-                proxy_endpoint="",
-            )
-        )
-        token = self._signer.sign(
+        await self._ledger.issue(grant)
+        token = self._grant_keys.signer().sign(
             {
                 "aud": self._settings.grant_audience,
                 "sub": identity.subject,
@@ -171,22 +196,89 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         # Someone else's grant looks exactly like a missing one: no oracle.
         if record is None or record.subject != identity.subject:
             raise NotFound("grant")
-        already = await self._ledger.revoked_at(grant_id)
-        if already is not None:
-            # Revoking twice records nothing new and keeps the first time.
-            return policy_pb2.RevokeResponse(revoked_at=wire.timestamp(already))
-        event = audit_pb2.GrantRevoked(
-            grant_id=grant_id,
-            subject=record.subject,
-            connection=record.connection,
+        revoked = await self._revoke(
+            record,
             actor=identity.subject,
             reason=reason,
+            edge=request.edge,
+            now=now,
+            deadline=self._deadline(context),
+        )
+        return policy_pb2.RevokeResponse(revoked_at=wire.timestamp(revoked))
+
+    async def RevokeGrants(
+        self, request: policy_pb2.RevokeGrantsRequest, context: ServicerContext
+    ) -> policy_pb2.RevokeGrantsResponse:
+        """The operator revokes one grant, or every live grant of a subject or a connection."""
+        reason = validate.reason(request.reason)
+        target = request.WhichOneof("target")
+        now = self._clock()
+        if target == "grant_id":
+            ids = [validate.grant_id(request.grant_id)]
+        elif target == "subject":
+            subject = validate.label("subject", request.subject)
+            ids = await self._ledger.live(subject=subject, now=now)
+        elif target == "connection":
+            connection = validate.connection_name(request.connection)
+            ids = await self._ledger.live(connection=connection, now=now)
+        else:
+            raise InvalidArgument("target", "set one of grant_id, subject, connection")
+        # The actor is the operator's certificate, never anything in the request.
+        actor = spiffe_id(caller.get(), self._settings.trust_domain)
+        revoked: list[str] = []
+        for grant_id in ids:
+            record = await self._ledger.issued(grant_id)
+            if record is None:
+                if target == "grant_id":
+                    raise NotFound("grant")
+                continue  # expired between the index and the record: nothing to revoke
+            if await self._ledger.revoked_at(grant_id) is not None:
+                continue
+            await self._revoke(
+                record,
+                actor=actor,
+                reason=reason,
+                edge=None,
+                now=now,
+                deadline=self._deadline(context),
+            )
+            revoked.append(grant_id)
+        log.info(
+            "%s revoked %d grants of %s %s", actor, len(revoked), target, getattr(request, target)
+        )
+        return policy_pb2.RevokeGrantsResponse(grant_ids=revoked, revoked_at=wire.timestamp(now))
+
+    async def _revoke(
+        self,
+        record: GrantRecord,
+        *,
+        actor: str,
+        reason: str,
+        edge: types_pb2.EdgeContext | None,
+        now: float,
+        deadline: float,
+    ) -> float:
+        """Record the revocation durably, then mark it for every proxy; return when it was."""
+        already = await self._ledger.revoked_at(record.grant_id)
+        if already is not None:
+            # Revoking twice records nothing new and keeps the first time.
+            return already
+        event = audit_pb2.GrantRevoked(
+            grant_id=record.grant_id,
+            subject=record.subject,
+            connection=record.connection,
+            actor=actor,
+            reason=reason,
             expires_at=wire.timestamp(record.expires_at),
-            edge=wire.edge(request.edge),
+            edge=wire.edge(edge) if edge is not None else None,
         )
-        await self._audit.append(
-            audit_pb2.AuditEvent(revocation=event), timeout=self._deadline(context)
-        )
-        await self._ledger.revoke(record, actor=identity.subject, now=now)
-        log.info("grant %s revoked by %s", grant_id, identity.subject)
-        return policy_pb2.RevokeResponse(revoked_at=wire.timestamp(now))
+        await self._audit.append(audit_pb2.AuditEvent(revocation=event), timeout=deadline)
+        await self._ledger.revoke(record, actor=actor, now=now)
+        log.info("grant %s of %s revoked by %s", record.grant_id, record.subject, actor)
+        return now
+
+    async def GetGrantKeys(
+        self, request: policy_pb2.GetGrantKeysRequest, context: ServicerContext
+    ) -> policy_pb2.GrantKeys:
+        """Return the public keys that verify grant tokens now."""
+        return self._grant_keys.published()

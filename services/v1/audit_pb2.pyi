@@ -307,6 +307,7 @@ class AuditEvent(_message.Message):
     REVOCATION_FIELD_NUMBER: _builtins.int
     REDEMPTION_FIELD_NUMBER: _builtins.int
     SESSION_CLOSED_FIELD_NUMBER: _builtins.int
+    POLICY_CHANGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def token_rejected(self) -> Global___TokenRejected: ...
     @_builtins.property
@@ -317,6 +318,8 @@ class AuditEvent(_message.Message):
     def redemption(self) -> Global___GrantRedeemed: ...
     @_builtins.property
     def session_closed(self) -> Global___SessionClosed: ...
+    @_builtins.property
+    def policy_change(self) -> Global___PolicyChanged: ...
     def __init__(
         self,
         *,
@@ -325,12 +328,13 @@ class AuditEvent(_message.Message):
         revocation: Global___GrantRevoked | None = ...,
         redemption: Global___GrantRedeemed | None = ...,
         session_closed: Global___SessionClosed | None = ...,
+        policy_change: Global___PolicyChanged | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "kind", b"kind", "redemption", b"redemption", "revocation", b"revocation", "session_closed", b"session_closed", "token_rejected", b"token_rejected"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "kind", b"kind", "policy_change", b"policy_change", "redemption", b"redemption", "revocation", b"revocation", "session_closed", b"session_closed", "token_rejected", b"token_rejected"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "kind", b"kind", "redemption", b"redemption", "revocation", b"revocation", "session_closed", b"session_closed", "token_rejected", b"token_rejected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "kind", b"kind", "policy_change", b"policy_change", "redemption", b"redemption", "revocation", b"revocation", "session_closed", b"session_closed", "token_rejected", b"token_rejected"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["token_rejected", "decision", "revocation", "redemption", "session_closed"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["token_rejected", "decision", "revocation", "redemption", "session_closed", "policy_change"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -555,3 +559,40 @@ class SessionClosed(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionClosed: _TypeAlias = SessionClosed  # noqa: Y015
+
+@_typing.final
+class PolicyChanged(_message.Message):
+    """The policy service saw a new policy file: it took it, or kept the old one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.bool
+    """Whether the new policy is now the one deciding."""
+    version: _builtins.str
+    """SHA-256 of the new file, and of the policy that decided before."""
+    previous_version: _builtins.str
+    error: _builtins.str
+    """Why the file was refused (empty when accepted)."""
+    trigger: _builtins.str
+    """What prompted the reload: "file" (a change seen) or "signal" (SIGHUP)."""
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.bool = ...,
+        version: _builtins.str = ...,
+        previous_version: _builtins.str = ...,
+        error: _builtins.str = ...,
+        trigger: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "error", b"error", "previous_version", b"previous_version", "trigger", b"trigger", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyChanged: _TypeAlias = PolicyChanged  # noqa: Y015

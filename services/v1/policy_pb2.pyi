@@ -3,9 +3,11 @@
 isort:skip_file
 Least-scope decisions and grant signing (core zone)."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from jitgate.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -159,3 +161,132 @@ class RevokeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeResponse: _TypeAlias = RevokeResponse  # noqa: Y015
+
+@_typing.final
+class RevokeGrantsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.str
+    subject: _builtins.str
+    connection: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        connection: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "grant_id", b"grant_id", "subject", b"subject", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "grant_id", b"grant_id", "reason", b"reason", "subject", b"subject", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["grant_id", "subject", "connection"]  # noqa: Y015
+    _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
+
+Global___RevokeGrantsRequest: _TypeAlias = RevokeGrantsRequest  # noqa: Y015
+
+@_typing.final
+class RevokeGrantsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_IDS_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def grant_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The grants this call revoked (already revoked ones are not repeated)."""
+
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        grant_ids: _abc.Iterable[_builtins.str] | None = ...,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revoked_at", b"revoked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant_ids", b"grant_ids", "revoked_at", b"revoked_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeGrantsResponse: _TypeAlias = RevokeGrantsResponse  # noqa: Y015
+
+@_typing.final
+class GetGrantKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetGrantKeysRequest: _TypeAlias = GetGrantKeysRequest  # noqa: Y015
+
+@_typing.final
+class GrantKeys(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    JWKS_FIELD_NUMBER: _builtins.int
+    jwks: _builtins.str
+    """The same keys as a JSON Web Key Set (RFC 7517, OKP keys per RFC 8037)."""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___GrantKey]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___GrantKey] | None = ...,
+        jwks: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jwks", b"jwks", "keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantKeys: _TypeAlias = GrantKeys  # noqa: Y015
+
+@_typing.final
+class GrantKey(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNING_FIELD_NUMBER: _builtins.int
+    RETIRE_AT_FIELD_NUMBER: _builtins.int
+    kid: _builtins.str
+    """RFC 7638 thumbprint, the kid of the grant tokens it signs."""
+    public_key: _builtins.bytes
+    """The raw 32-byte Ed25519 public key."""
+    signing: _builtins.bool
+    """Whether new grants are signed with it now (one key at a time)."""
+    @_builtins.property
+    def retire_at(self) -> _timestamp_pb2.Timestamp:
+        """When it stops verifying anything: after every grant it signed expired."""
+
+    def __init__(
+        self,
+        *,
+        kid: _builtins.str = ...,
+        public_key: _builtins.bytes = ...,
+        signing: _builtins.bool = ...,
+        retire_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retire_at", b"retire_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kid", b"kid", "public_key", b"public_key", "retire_at", b"retire_at", "signing", b"signing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantKey: _TypeAlias = GrantKey  # noqa: Y015

@@ -52,6 +52,16 @@ class PolicyStub:
                 request_serializer=jitgate_dot_v1_dot_policy__pb2.RevokeRequest.SerializeToString,
                 response_deserializer=jitgate_dot_v1_dot_policy__pb2.RevokeResponse.FromString,
                 _registered_method=True)
+        self.RevokeGrants = channel.unary_unary(
+                '/jitgate.v1.Policy/RevokeGrants',
+                request_serializer=jitgate_dot_v1_dot_policy__pb2.RevokeGrantsRequest.SerializeToString,
+                response_deserializer=jitgate_dot_v1_dot_policy__pb2.RevokeGrantsResponse.FromString,
+                _registered_method=True)
+        self.GetGrantKeys = channel.unary_unary(
+                '/jitgate.v1.Policy/GetGrantKeys',
+                request_serializer=jitgate_dot_v1_dot_policy__pb2.GetGrantKeysRequest.SerializeToString,
+                response_deserializer=jitgate_dot_v1_dot_policy__pb2.GrantKeys.FromString,
+                _registered_method=True)
 
 
 class PolicyServicer:
@@ -78,6 +88,22 @@ class PolicyServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeGrants(self, request, context):
+        """The operator identity only: revoke one grant, every live grant of a
+        subject, or every live grant of a connection. Each is audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGrantKeys(self, request, context):
+        """The public keys that verify grant tokens, for the proxy to check grants
+        offline: the signing key and any still within their overlap.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +116,16 @@ def add_PolicyServicer_to_server(servicer, server):
                     servicer.Revoke,
                     request_deserializer=jitgate_dot_v1_dot_policy__pb2.RevokeRequest.FromString,
                     response_serializer=jitgate_dot_v1_dot_policy__pb2.RevokeResponse.SerializeToString,
+            ),
+            'RevokeGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeGrants,
+                    request_deserializer=jitgate_dot_v1_dot_policy__pb2.RevokeGrantsRequest.FromString,
+                    response_serializer=jitgate_dot_v1_dot_policy__pb2.RevokeGrantsResponse.SerializeToString,
+            ),
+            'GetGrantKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGrantKeys,
+                    request_deserializer=jitgate_dot_v1_dot_policy__pb2.GetGrantKeysRequest.FromString,
+                    response_serializer=jitgate_dot_v1_dot_policy__pb2.GrantKeys.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -154,6 +190,60 @@ class Policy:
             '/jitgate.v1.Policy/Revoke',
             jitgate_dot_v1_dot_policy__pb2.RevokeRequest.SerializeToString,
             jitgate_dot_v1_dot_policy__pb2.RevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitgate.v1.Policy/RevokeGrants',
+            jitgate_dot_v1_dot_policy__pb2.RevokeGrantsRequest.SerializeToString,
+            jitgate_dot_v1_dot_policy__pb2.RevokeGrantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGrantKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitgate.v1.Policy/GetGrantKeys',
+            jitgate_dot_v1_dot_policy__pb2.GetGrantKeysRequest.SerializeToString,
+            jitgate_dot_v1_dot_policy__pb2.GrantKeys.FromString,
             options,
             channel_credentials,
             insecure,

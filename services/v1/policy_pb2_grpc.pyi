@@ -44,6 +44,14 @@ class PolicyStub:
     Decide: _grpc.UnaryUnaryMultiCallable[_policy_pb2.DecideRequest, _policy_pb2.Decision]
     Revoke: _grpc.UnaryUnaryMultiCallable[_policy_pb2.RevokeRequest, _policy_pb2.RevokeResponse]
     """Record a revocation in the audit log, then mark the grant revoked."""
+    RevokeGrants: _grpc.UnaryUnaryMultiCallable[_policy_pb2.RevokeGrantsRequest, _policy_pb2.RevokeGrantsResponse]
+    """The operator identity only: revoke one grant, every live grant of a
+    subject, or every live grant of a connection. Each is audited.
+    """
+    GetGrantKeys: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetGrantKeysRequest, _policy_pb2.GrantKeys]
+    """The public keys that verify grant tokens, for the proxy to check grants
+    offline: the signing key and any still within their overlap.
+    """
 
 @_typing.type_check_only
 class PolicyAsyncStub(PolicyStub):
@@ -61,6 +69,14 @@ class PolicyAsyncStub(PolicyStub):
     Decide: _aio.UnaryUnaryMultiCallable[_policy_pb2.DecideRequest, _policy_pb2.Decision]  # type: ignore[assignment]
     Revoke: _aio.UnaryUnaryMultiCallable[_policy_pb2.RevokeRequest, _policy_pb2.RevokeResponse]  # type: ignore[assignment]
     """Record a revocation in the audit log, then mark the grant revoked."""
+    RevokeGrants: _aio.UnaryUnaryMultiCallable[_policy_pb2.RevokeGrantsRequest, _policy_pb2.RevokeGrantsResponse]  # type: ignore[assignment]
+    """The operator identity only: revoke one grant, every live grant of a
+    subject, or every live grant of a connection. Each is audited.
+    """
+    GetGrantKeys: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetGrantKeysRequest, _policy_pb2.GrantKeys]  # type: ignore[assignment]
+    """The public keys that verify grant tokens, for the proxy to check grants
+    offline: the signing key and any still within their overlap.
+    """
 
 class PolicyServicer(metaclass=_abc_1.ABCMeta):
     """Policy decides whether an identity may have one connection now, records the
@@ -87,5 +103,25 @@ class PolicyServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_policy_pb2.RevokeResponse, _abc.Awaitable[_policy_pb2.RevokeResponse]]:
         """Record a revocation in the audit log, then mark the grant revoked."""
+
+    @_abc_1.abstractmethod
+    def RevokeGrants(
+        self,
+        request: _policy_pb2.RevokeGrantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.RevokeGrantsResponse, _abc.Awaitable[_policy_pb2.RevokeGrantsResponse]]:
+        """The operator identity only: revoke one grant, every live grant of a
+        subject, or every live grant of a connection. Each is audited.
+        """
+
+    @_abc_1.abstractmethod
+    def GetGrantKeys(
+        self,
+        request: _policy_pb2.GetGrantKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.GrantKeys, _abc.Awaitable[_policy_pb2.GrantKeys]]:
+        """The public keys that verify grant tokens, for the proxy to check grants
+        offline: the signing key and any still within their overlap.
+        """
 
 def add_PolicyServicer_to_server(servicer: PolicyServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

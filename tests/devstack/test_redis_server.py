@@ -30,8 +30,9 @@ def test_a_given_redis_gets_one_user_per_service(given: RedisServer) -> None:
         issuer.set("revoked:x", "1")
     issuer.close()
     policy = redis.Redis.from_url(urls["policy"])
+    policy.set("revoked:x", "1")
     with pytest.raises(redis.exceptions.NoPermissionError):
-        policy.delete("grant:x")
+        policy.set("elsewhere:x", "1")
     policy.close()
 
 

@@ -193,3 +193,63 @@ def test_cli_exit_codes_tell_outcomes_apart(stack: Stack) -> None:
     assert _cli(stack, token, "get", "0" * 32).returncode == 6
     assert _cli(stack, token, "request", "Not A Name").returncode == 2
     assert _cli(stack, token, "revoke", grant["grant_id"]).returncode == 0
+
+
+def _operator(stack: Stack, *argv: str) -> subprocess.CompletedProcess[str]:
+    files = stack.pki.files("operator")
+    env = {
+        **os.environ,
+        "JITGATE_TLS_CA": str(files.ca),
+        "JITGATE_TLS_CERT": str(files.cert),
+        "JITGATE_TLS_KEY": str(files.key),
+        "JITGATE_POLICY_ADDR": stack.address("policy"),
+    }
+    env.pop("JITGATE_TOKEN", None)
+    return subprocess.run(
+        [sys.executable, "-m", "jitgate", "grant", "revoke", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=30,
+    )
+
+
+def test_the_operator_revokes_all_grants_of_a_subject(stack: Stack) -> None:
+    token = stack.token("deploy-bot")
+    with _agent(stack, token) as agent:
+        granted = {agent.request_grant("orders-replica", ttl_seconds=60).grant_id for _ in range(2)}
+        assert granted <= {g.grant_id for g in agent.list_grants()}
+        done = _operator(stack, "--subject", "deploy-bot", "--reason", "incident 7", "--json")
+        assert done.returncode == 0, done.stderr
+        assert granted <= set(json.loads(done.stdout)["revoked"])
+        # Gone from the agent's view at once, though their tokens have not expired.
+        assert not granted & {g.grant_id for g in agent.list_grants()}
+    revocations = [
+        r.event.revocation for r in _audit_records(stack) if r.event.HasField("revocation")
+    ]
+    mine = [r for r in revocations if r.grant_id in granted]
+    assert len(mine) == 2
+    assert {(r.actor, r.reason) for r in mine} == {("spiffe://jitgate/operator", "incident 7")}
+    assert {r.caller for r in _audit_records(stack) if r.event.HasField("revocation")} == {
+        "spiffe://jitgate/policy"
+    }
+
+
+def test_only_the_operator_certificate_may_revoke_in_bulk(stack: Stack) -> None:
+    files = stack.pki.files("issuer")
+    done = subprocess.run(
+        [sys.executable, "-m", "jitgate", "grant", "revoke", "--connection", "orders-replica"],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "JITGATE_TLS_CA": str(files.ca),
+            "JITGATE_TLS_CERT": str(files.cert),
+            "JITGATE_TLS_KEY": str(files.key),
+            "JITGATE_POLICY_ADDR": stack.address("policy"),
+        },
+        check=False,
+        timeout=30,
+    )
+    assert done.returncode == 3, done.stderr

@@ -31,6 +31,7 @@ from jitgate.devstack.redis_server import RedisServer, free_port
 from jitgate.issuer.servicer import IssuerServicer, IssuerSettings, bearer_token
 from jitgate.issuer.store import GrantStore
 from jitgate.policy import model
+from jitgate.policy.keyring import SingleKey
 from jitgate.policy.ledger import Ledger
 from jitgate.policy.servicer import ACL as POLICY_ACL
 from jitgate.policy.servicer import PolicyServicer, PolicySettings
@@ -153,7 +154,7 @@ async def open_rig(
         policy_servicer = PolicyServicer(
             policy=lambda: POLICY,
             assertions=assertion.checker([VERIFIER_KEY.public_key()], "jitgate"),
-            signer=grants.token_signer(Ed25519PrivateKey.generate(), "jitgate"),
+            grant_keys=SingleKey(grants.token_signer(Ed25519PrivateKey.generate(), "jitgate")),
             audit=AuditClient(audit_channel),
             ledger=Ledger(redisconn.connect(redis_server.url("policy"))),
             settings=PolicySettings(grant_audience="spiffe://jitgate/proxy", audit_deadline=0.5),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jitgate.common.assertion import Identity
 from jitgate.policy import decide as d
@@ -92,4 +94,84 @@ def test_an_empty_policy_denies_everything() -> None:
         subject="a", client_id="a", groups=("platform",), token_expires_at=NOW + 60, issuer="i"
     )
     request = d.Request(identity=identity, connection="orders-replica", ttl_seconds=0)
+    assert not d.decide(model.parse(""), request, now=NOW).allowed
+
+
+# Properties over random policies, identities and requests.
+
+_NAMES = st.sampled_from(["a", "b", "c", "d"])
+_GROUPS = st.sampled_from(["g1", "g2", "g3"])
+
+
+@st.composite
+def _policies(draw: st.DrawFn) -> model.Policy:
+    ceiling = draw(st.integers(60, 3600))
+    names = draw(st.sets(_NAMES, max_size=4))
+    connections = {n: model.Connection(name=n, kind="ssh") for n in names}
+    pairs = draw(st.sets(st.tuples(_GROUPS, _NAMES), max_size=8))
+    bindings = tuple(
+        model.Binding(
+            group=g,
+            connection=c,
+            max_ttl=draw(st.integers(1, ceiling)),
+            require_reason=draw(st.booleans()),
+        )
+        for g, c in sorted(pairs)
+        if c in names
+    )
+    return model.Policy(connections=connections, bindings=bindings, ttl_ceiling=ceiling)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    policy=_policies(),
+    groups=st.sets(_GROUPS | st.text(max_size=3), max_size=4),
+    connection=_NAMES | st.text(max_size=3),
+    ttl=st.integers(0, 100_000),
+    token_left=st.floats(-100, 100_000, allow_nan=False),
+    reason=st.sampled_from(["", " ", "because"]),
+)
+def test_no_decision_reaches_beyond_a_binding_its_ceiling_or_the_token(
+    policy: model.Policy,
+    groups: set[str],
+    connection: str,
+    ttl: int,
+    token_left: float,
+    reason: str,
+) -> None:
+    identity = Identity(
+        subject="s",
+        client_id="s",
+        groups=tuple(sorted(groups)),
+        token_expires_at=NOW + token_left,
+        issuer="i",
+    )
+    request = d.Request(identity=identity, connection=connection, ttl_seconds=ttl, reason=reason)
+    decision = d.decide(policy, request, now=NOW)
+    if not decision.allowed:
+        return
+    binding = decision.binding
+    assert binding is not None
+    assert binding.connection == connection
+    assert binding.group in groups
+    assert binding in policy.bindings
+    assert 1 <= decision.ttl_seconds <= min(binding.max_ttl, policy.ttl_ceiling)
+    assert decision.ttl_seconds <= token_left
+    if ttl:
+        assert decision.ttl_seconds <= ttl
+    if binding.require_reason:
+        assert reason.strip()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    groups=st.sets(st.text(max_size=5), max_size=5),
+    connection=st.text(max_size=8),
+    ttl=st.integers(0, 100_000),
+)
+def test_an_empty_policy_denies_any_request(groups: set[str], connection: str, ttl: int) -> None:
+    identity = Identity(
+        subject="s", client_id="s", groups=tuple(groups), token_expires_at=NOW + 3600, issuer="i"
+    )
+    request = d.Request(identity=identity, connection=connection, ttl_seconds=ttl, reason="r")
     assert not d.decide(model.parse(""), request, now=NOW).allowed

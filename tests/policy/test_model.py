@@ -84,7 +84,7 @@ def test_the_bundled_example_parses() -> None:
             "[connections.x]\nkind='ssh'\n"
             "[[bindings]]\ngroup='g'\nconnection='x'\nmax_ttl=5\n"
             "[[bindings]]\ngroup='g'\nconnection='x'\nmax_ttl=9\n",
-            "bindings[1]: duplicate binding",
+            "bindings[1]: 'g' is bound to 'x' again",
         ),
         (
             "[connections.x]\nkind='ssh'\n[[bindings]]\ngroup='g'\nconnection='x'\nmax_ttl=5\n"

@@ -20,6 +20,7 @@ from jitgate.common.assertion import Identity
 from jitgate.devstack.pki import DevPki
 from jitgate.devstack.redis_server import RedisServer, free_port
 from jitgate.policy import model
+from jitgate.policy.keyring import SingleKey
 from jitgate.policy.ledger import Ledger
 from jitgate.policy.servicer import ACL, PolicyServicer, PolicySettings
 from jitgate.v1 import policy_pb2, policy_pb2_grpc
@@ -33,10 +34,18 @@ POLICY = model.parse(
 kind = "postgres"
 [connections.billing-primary]
 kind = "postgres"
+[connections.ledger-admin]
+kind = "ssh"
 [[bindings]]
 group = "platform"
 connection = "orders-replica"
 max_ttl = "5m"
+[[bindings]]
+group = "platform"
+connection = "ledger-admin"
+max_ttl = "5m"
+require_reason = true
+max_concurrent = 2
 """
 )
 AUDIENCE = "spiffe://jitgate/proxy"
@@ -80,7 +89,7 @@ async def _rig(
         servicer = PolicyServicer(
             policy=lambda: POLICY,
             assertions=assertion.checker([VERIFIER_KEY.public_key()], "jitgate"),
-            signer=grants.token_signer(POLICY_KEY, "jitgate"),
+            grant_keys=SingleKey(grants.token_signer(POLICY_KEY, "jitgate")),
             audit=AuditClient(audit_channel),
             ledger=ledger,
             settings=PolicySettings(grant_audience=AUDIENCE, audit_deadline=deadline),
@@ -310,13 +319,16 @@ async def test_redis_down_means_unavailable_and_no_grant(dev_pki: DevPki) -> Non
 @pytest.mark.parametrize(
     "command",
     [
-        lambda c: c.delete(grants.grant_key("ab" * 16)),
-        lambda c: c.hset(grants.grant_key("ab" * 16), "subject", "x"),
-        lambda c: c.pexpireat(grants.grant_key("ab" * 16), 1),
-        lambda c: c.set(grants.grant_key("ab" * 16), "x"),
+        # Policy may forget the issuer's copy of a grant it revokes (grant:*,
+        # agent:*), being the authority that signed it; nothing else.
+        lambda c: c.set("session:ab", "x"),
+        lambda c: c.delete("proxy:sessions"),
+        lambda c: c.flushall(),
+        lambda c: c.keys("*"),
+        lambda c: c.config_get("*"),
     ],
 )
-async def test_the_policy_user_cannot_touch_the_issuers_grants(
+async def test_the_policy_user_reaches_no_key_it_does_not_need(
     redis_server: RedisServer, command: Callable[[redis.Redis], object]
 ) -> None:
     client = redis.Redis.from_url(redis_server.url("policy"))
@@ -329,3 +341,174 @@ async def test_concurrent_decisions_each_get_their_own_grant(rig: Rig) -> None:
     decisions = await asyncio.gather(*(_decide(rig, "orders-replica") for _ in range(20)))
     assert len({d.grant_id for d in decisions}) == 20
     assert len(rig.audit.events) == 20
+
+
+# Conditions: a reason, and a cap on concurrent grants counted in Redis.
+
+
+def _denial(error: grpc.aio.AioRpcError) -> tuple[str, float | None]:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    reason, retry = "", None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            delay = error_details_pb2.RetryInfo()
+            detail.Unpack(delay)
+            retry = delay.retry_delay.seconds + delay.retry_delay.nanos / 1e9
+    return reason, retry
+
+
+async def test_a_binding_that_requires_a_reason_denies_a_request_without_one(rig: Rig) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _decide(rig, "ledger-admin", reason="   ")
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert _denial(raised.value) == ("REASON_REQUIRED", None)
+    [(_, event)] = rig.audit.events
+    assert (event.decision.allowed, event.decision.reason_code) == (False, "REASON_REQUIRED")
+    assert (await _decide(rig, "ledger-admin", reason="rotate the ledger key")).allowed
+
+
+async def test_two_slots_go_to_exactly_two_of_many_simultaneous_requests(
+    rig: Rig, redis_admin: redis.Redis
+) -> None:
+    subject = f"cap-{time.time_ns()}"
+    outcomes = await asyncio.gather(
+        *(
+            _decide(rig, "ledger-admin", reason="r", ttl_seconds=60, assertion=_assertion(subject))
+            for _ in range(12)
+        ),
+        return_exceptions=True,
+    )
+    allowed = [o for o in outcomes if isinstance(o, policy_pb2.Decision)]
+    denied = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(allowed) == 2
+    assert len(denied) == 10
+    for error in denied:
+        reason, retry = _denial(error)
+        assert reason == "CONCURRENCY_LIMIT"
+        # The earliest live grant frees its slot in about a minute.
+        assert retry is not None
+        assert 50 < retry <= 60
+    recorded = [e.decision.reason_code for _, e in rig.audit.events]
+    assert sorted(recorded) == ["ALLOWED"] * 2 + ["CONCURRENCY_LIMIT"] * 10
+    # Revoking one frees a slot for the next request.
+    async with channel(rig.dev, "operator", rig.port, "policy") as ch:
+        await policy_pb2_grpc.PolicyStub(ch).RevokeGrants(
+            policy_pb2.RevokeGrantsRequest(grant_id=allowed[0].grant_id, reason="done"),
+            timeout=5,
+        )
+    again = await _decide(rig, "ledger-admin", reason="r", assertion=_assertion(subject))
+    assert again.allowed
+
+
+async def test_a_slot_is_given_back_when_the_decision_cannot_be_recorded(
+    dev_pki: DevPki, redis_server: RedisServer, redis_admin: redis.Redis
+) -> None:
+    subject = f"cap-{time.time_ns()}"
+    failing = RecordingAudit()
+    async for rig in _rig(dev_pki, redis_server.url("policy"), failing, 0.5):
+        failing.mode = "fail"
+        for _ in range(3):  # more than the cap: every failed attempt gave its slot back
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await _decide(rig, "ledger-admin", reason="r", assertion=_assertion(subject))
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        failing.mode = "record"
+        assert (
+            await _decide(rig, "ledger-admin", reason="r", assertion=_assertion(subject))
+        ).allowed
+
+
+async def test_the_ceiling_clips_a_longer_request(rig: Rig) -> None:
+    decision = await _decide(rig, "orders-replica", ttl_seconds=3600)
+    assert decision.expires_at.seconds - decision.issued_at.seconds == 300
+
+
+# The operator revokes by grant, subject or connection.
+
+
+async def _operator_revoke(rig: Rig, **target: str) -> policy_pb2.RevokeGrantsResponse:
+    async with channel(rig.dev, "operator", rig.port, "policy") as ch:
+        response: policy_pb2.RevokeGrantsResponse = await policy_pb2_grpc.PolicyStub(
+            ch
+        ).RevokeGrants(policy_pb2.RevokeGrantsRequest(reason="incident 42", **target), timeout=5)
+        return response
+
+
+async def test_the_operator_revokes_every_grant_of_a_subject(
+    rig: Rig, redis_admin: redis.Redis
+) -> None:
+    subject = f"sub-{time.time_ns()}"
+    mine = [await _decide(rig, "orders-replica", assertion=_assertion(subject)) for _ in range(3)]
+    other = await _decide(rig, "orders-replica", assertion=_assertion(f"other-{subject}"))
+    pubsub = redis_admin.pubsub()
+    pubsub.subscribe(grants.REVOCATION_CHANNEL)
+    pubsub.get_message(timeout=1)  # the subscribe confirmation
+    started = time.monotonic()
+    response = await _operator_revoke(rig, subject=subject)
+    assert sorted(response.grant_ids) == sorted(d.grant_id for d in mine)
+    announced = set()
+    while len(announced) < 3 and time.monotonic() - started < 1.0:
+        message = pubsub.get_message(timeout=0.1)
+        if message and message["type"] == "message":
+            announced.add(message["data"].decode())
+    assert announced == {d.grant_id for d in mine}  # every proxy hears within a second
+    pubsub.close()
+    for decision in mine:
+        assert redis_admin.exists(grants.revoked_key(decision.grant_id))
+    assert not redis_admin.exists(grants.revoked_key(other.grant_id))
+    revocations = [e.revocation for _, e in rig.audit.events if e.HasField("revocation")]
+    assert {r.grant_id for r in revocations} == {d.grant_id for d in mine}
+    assert {r.actor for r in revocations} == {"spiffe://jitgate/operator"}
+    assert {r.reason for r in revocations} == {"incident 42"}
+    # Again: nothing left to revoke, nothing recorded twice.
+    assert list((await _operator_revoke(rig, subject=subject)).grant_ids) == []
+    assert len([e for _, e in rig.audit.events if e.HasField("revocation")]) == 3
+
+
+async def test_the_operator_revokes_every_grant_of_a_connection(
+    rig: Rig, redis_admin: redis.Redis
+) -> None:
+    before = await _operator_revoke(rig, connection="orders-replica")  # a clean slate
+    del before
+    decisions = [
+        await _decide(rig, "orders-replica", assertion=_assertion(f"c-{n}")) for n in range(3)
+    ]
+    kept = await _decide(rig, "ledger-admin", reason="r", assertion=_assertion("c-0"))
+    response = await _operator_revoke(rig, connection="orders-replica")
+    assert sorted(response.grant_ids) == sorted(d.grant_id for d in decisions)
+    assert not redis_admin.exists(grants.revoked_key(kept.grant_id))
+
+
+async def test_the_operator_revokes_one_grant_and_an_unknown_one_is_not_found(rig: Rig) -> None:
+    decision = await _decide(rig, "orders-replica")
+    response = await _operator_revoke(rig, grant_id=decision.grant_id)
+    assert list(response.grant_ids) == [decision.grant_id]
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _operator_revoke(rig, grant_id="cd" * 16)
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    "target",
+    [{}, {"grant_id": "nope"}, {"subject": "bad\nname"}, {"connection": "Bad Name"}],
+)
+async def test_a_bad_revocation_target_is_invalid_argument(
+    rig: Rig, target: dict[str, str]
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _operator_revoke(rig, **target)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("who", ["issuer", "proxy", "auditor", "verifier"])
+async def test_only_the_operator_revokes_in_bulk(rig: Rig, who: str) -> None:
+    async with channel(rig.dev, who, rig.port, "policy") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await policy_pb2_grpc.PolicyStub(ch).RevokeGrants(
+                policy_pb2.RevokeGrantsRequest(subject="deploy-bot"), timeout=5
+            )
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
