@@ -13,7 +13,7 @@ from jitgate.devstack import children
 
 # Each module has register(subparsers), which adds its verb and sets `func`
 # (args -> exit code) on the parser it adds.
-VERBS = ("serve", "pki", "devidp", "up", "demo", "grant", "audit", "keys")
+VERBS = ("serve", "pki", "devidp", "up", "demo", "grant", "audit", "policy", "keys")
 
 
 def parser() -> argparse.ArgumentParser:
