@@ -20,9 +20,9 @@ from jitgate.v1 import audit_pb2, audit_pb2_grpc
 log = logging.getLogger(__name__)
 T = TypeVar("T", StoredRecord, StoredCheckpoint)
 
-_HASH_READERS = frozenset({"auditor", "verifier", "policy", "proxy"})
+_HASH_READERS = frozenset({"auditor", "verifier", "policy"})
 ACL: dict[str, frozenset[str]] = {
-    "/jitgate.v1.Audit/Append": frozenset({"verifier", "policy", "proxy"}),
+    "/jitgate.v1.Audit/Append": frozenset({"verifier", "policy"}),
     "/jitgate.v1.Audit/Read": frozenset({"auditor"}),
     "/jitgate.v1.Audit/ListCheckpoints": frozenset({"auditor"}),
     "/jitgate.v1.Audit/GetCheckpoint": _HASH_READERS,
@@ -31,13 +31,16 @@ ACL: dict[str, frozenset[str]] = {
 }
 """Who may call what: only the core zone appends, only the auditor reads records and
 exports; checkpoints and proofs, which are hashes and nothing else, also serve
-the core services that hold receipts."""
+the core services that hold receipts. No agent-reachable workload is here: the
+proxy's redemptions and closed sessions are recorded by policy (Policy.Redeem,
+Policy.ReportSession), so a compromised edge cannot write to the log."""
 ALLOWED_KINDS: dict[str, frozenset[str]] = {
     "verifier": frozenset({"token_rejected"}),
-    "policy": frozenset({"decision", "revocation", "policy_change"}),
-    "proxy": frozenset({"redemption", "session_closed"}),
+    "policy": frozenset(
+        {"decision", "revocation", "policy_change", "redemption", "session_closed"}
+    ),
 }
-"""The event kinds each workload may append: a service speaks only for itself."""
+"""The event kinds each workload may append: a service speaks only for what it checked."""
 MAX_EVENT_BYTES = 16 * 1024
 READ_PAGE = 256
 EVENT_KINDS = tuple(f.name for f in audit_pb2.AuditEvent.DESCRIPTOR.oneofs_by_name["kind"].fields)

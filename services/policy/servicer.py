@@ -1,19 +1,29 @@
-"""The Policy gRPC servicer: check the assertion, decide, record, then sign."""
+"""The Policy gRPC servicer: decide, record, then sign; and redeem for the proxy."""
 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from jitgate.audit.client import AuditClient
-from jitgate.common import assertion, validate, wire
+from jitgate.common import assertion, grants, validate, wire
 from jitgate.common.clock import Clock
-from jitgate.common.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
+from jitgate.common.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from jitgate.common.grants import GrantRecord
 from jitgate.common.identity import DEFAULT_TRUST_DOMAIN, spiffe_id
-from jitgate.common.jws import Checker
+from jitgate.common.jws import MAX_TOKEN_BYTES, Checker
 from jitgate.common.rpc import ServicerContext, caller
 from jitgate.policy.decide import CONCURRENCY_LIMIT, MESSAGES, Decision, Request, decide
 from jitgate.policy.keyring import GrantKeys
@@ -28,7 +38,94 @@ ACL = {
     "/jitgate.v1.Policy/Revoke": frozenset({"issuer"}),
     "/jitgate.v1.Policy/RevokeGrants": frozenset({"operator"}),
     "/jitgate.v1.Policy/GetGrantKeys": frozenset({"proxy"}),
+    # The proxy is agent-reachable and holds no audit credential: redemptions
+    # and closed sessions reach the audit log only through these two.
+    "/jitgate.v1.Policy/Redeem": frozenset({"proxy"}),
+    "/jitgate.v1.Policy/ReportSession": frozenset({"proxy"}),
 }
+
+GRANT_INVALID = "GRANT_INVALID"
+GRANT_EXPIRED = "GRANT_EXPIRED"
+GRANT_REVOKED = "GRANT_REVOKED"
+WRONG_CONNECTION = "WRONG_CONNECTION"
+REFUSALS = {
+    GRANT_INVALID: "this grant is not valid",
+    GRANT_EXPIRED: "this grant has expired",
+    GRANT_REVOKED: "this grant was revoked",
+    WRONG_CONNECTION: "this grant is for another connection",
+}
+"""Why Redeem refuses a grant (the ErrorInfo reason), and what the proxy is told."""
+SESSION_END_REASONS = frozenset({"expired", "revoked", "client_closed", "server_closed", "error"})
+MAX_CLIENT_ADDRESS_CHARS = 128
+_SESSION_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
+# What a Timestamp may hold (0001-01-01 to 9999-12-31): anything else has no
+# JSON form, and audit would refuse the whole event.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+
+
+def _session_id(value: str) -> str:
+    if not _SESSION_ID.fullmatch(value):
+        raise InvalidArgument("session_id", "must be 1-64 characters of A-Z, a-z, 0-9 or '-'")
+    return value
+
+
+def _client_address(value: str) -> str:
+    if len(value) > MAX_CLIENT_ADDRESS_CHARS or not value.isprintable():
+        raise InvalidArgument(
+            "client_address", f"must be at most {MAX_CLIENT_ADDRESS_CHARS} printable characters"
+        )
+    return value
+
+
+def _grant_token(value: str) -> str:
+    if not value:
+        raise InvalidArgument("grant_token", "is required")
+    if len(value.encode()) > MAX_TOKEN_BYTES:
+        raise InvalidArgument("grant_token", f"must be at most {MAX_TOKEN_BYTES} bytes")
+    return value
+
+
+def _end_reason(value: str) -> str:
+    if value not in SESSION_END_REASONS:
+        raise InvalidArgument("reason", f"must be one of {', '.join(sorted(SESSION_END_REASONS))}")
+    return value
+
+
+def _moment(field: str, stamp: Timestamp, present: bool) -> float:
+    """Return a required Timestamp as seconds, if it is one audit can record."""
+    if not present:
+        raise InvalidArgument(field, "is required")
+    if not _MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS or not 0 <= stamp.nanos < 10**9:
+        raise InvalidArgument(field, "must be between 0001-01-01 and 9999-12-31")
+    return wire.seconds(stamp)
+
+
+class _Refused(Exception):
+    """A grant Redeem will not honour: the reason the proxy gets, the detail only the log."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, kw_only=True)
+class _GrantClaims:
+    grant_id: str
+    subject: str
+    connection: str
+
+
+def _grant_claims(claims: dict[str, object]) -> _GrantClaims:
+    """Return the claims Redeem relies on, or refuse a token that lacks them."""
+    jti, sub, con = claims.get("jti"), claims.get("sub"), claims.get("con")
+    if not isinstance(jti, str) or not isinstance(sub, str) or not isinstance(con, str):
+        raise _Refused(GRANT_INVALID, "jti, sub and con must be strings")
+    try:
+        validate.grant_id(jti)
+    except InvalidArgument:
+        raise _Refused(GRANT_INVALID, f"jti {jti[:40]!r} is not a grant id") from None
+    return _GrantClaims(grant_id=jti, subject=sub, connection=con)
 
 
 def _binding(decision: Decision) -> types_pb2.Binding | None:
@@ -282,3 +379,131 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     ) -> policy_pb2.GrantKeys:
         """Return the public keys that verify grant tokens now."""
         return self._grant_keys.published()
+
+    async def Redeem(
+        self, request: policy_pb2.RedeemRequest, context: ServicerContext
+    ) -> policy_pb2.RedeemResponse:
+        """Check a presented grant against the keys and the ledger, record it, then say yes."""
+        token = _grant_token(request.grant_token)
+        connection = validate.connection_name(request.connection)
+        session_id = _session_id(request.session_id)
+        client_address = _client_address(request.client_address)
+        try:
+            record = await self._redeemable(token, connection, self._clock())
+        except _Refused as refused:
+            # Refusals go to this service's log only: audit has no event kind for them.
+            log.warning(
+                "session %s on %s from %s refused: %s (%s)",
+                session_id,
+                connection,
+                client_address or "-",
+                refused.reason,
+                refused.detail,
+            )
+            raise PermissionDenied(
+                refused.reason, REFUSALS[refused.reason], metadata={"connection": connection}
+            ) from None
+        event = audit_pb2.GrantRedeemed(
+            grant_id=record.grant_id,
+            subject=record.subject,
+            connection=record.connection,
+            session_id=session_id,
+            expires_at=wire.timestamp(record.expires_at),
+            client_address=client_address,
+        )
+        # Fail closed: a session that is not on the record must not be opened,
+        # and Unavailable tells the proxy exactly that.
+        receipt = await self._audit.append(
+            audit_pb2.AuditEvent(redemption=event), timeout=self._deadline(context)
+        )
+        log.info(
+            "grant %s of %s redeemed for session %s on %s (audit index %d)",
+            record.grant_id,
+            record.subject,
+            session_id,
+            connection,
+            receipt.index,
+        )
+        return policy_pb2.RedeemResponse(
+            grant_id=record.grant_id,
+            subject=record.subject,
+            connection=record.connection,
+            connection_kind=record.connection_kind,
+            expires_at=wire.timestamp(record.expires_at),
+        )
+
+    async def _redeemable(self, token: str, connection: str, now: float) -> GrantRecord:
+        """Return the ledger's record of the grant in token, or raise _Refused."""
+        # Policy is the signer: the keys it publishes are exactly the ones whose
+        # grants may still be live, retiring keys included.
+        keys = [
+            Ed25519PublicKey.from_public_bytes(key.public_key)
+            for key in self._grant_keys.published().keys
+        ]
+        checker = grants.token_checker(
+            keys, audience=self._settings.grant_audience, trust_domain=self._settings.trust_domain
+        )
+        try:
+            verified = checker.check(token, now)
+        except Unauthenticated as exc:
+            # The expiry is checked only after the signature, so GRANT_EXPIRED
+            # is only ever said of a grant policy really signed.
+            reason = GRANT_EXPIRED if exc.check == "expired" else GRANT_INVALID
+            raise _Refused(reason, str(exc)) from None
+        claims = _grant_claims(verified)
+        if claims.connection != connection:
+            raise _Refused(WRONG_CONNECTION, f"grant {claims.grant_id} is for {claims.connection}")
+        record = await self._ledger.issued(claims.grant_id)
+        if record is None:
+            raise _Refused(GRANT_INVALID, f"grant {claims.grant_id} is not in the ledger")
+        if (record.subject, record.connection) != (claims.subject, claims.connection):
+            raise _Refused(GRANT_INVALID, f"grant {claims.grant_id} differs from the ledger")
+        if await self._ledger.revoked_at(record.grant_id) is not None:
+            raise _Refused(GRANT_REVOKED, f"grant {record.grant_id} was revoked")
+        if record.expires_at <= now:
+            raise _Refused(GRANT_EXPIRED, f"grant {record.grant_id} expired")
+        return record
+
+    async def ReportSession(
+        self, request: policy_pb2.SessionReport, context: ServicerContext
+    ) -> policy_pb2.SessionReportAck:
+        """Record that a session on a grant policy signed has ended; the subject is the ledger's."""
+        grant_id = validate.grant_id(request.grant_id)
+        session_id = _session_id(request.session_id)
+        connection = validate.connection_name(request.connection)
+        reason = _end_reason(request.reason)
+        opened_at = _moment("opened_at", request.opened_at, request.HasField("opened_at"))
+        closed_at = _moment("closed_at", request.closed_at, request.HasField("closed_at"))
+        if closed_at < opened_at:
+            raise InvalidArgument("closed_at", "must not be before opened_at")
+        record = await self._ledger.issued(grant_id)
+        if record is None:
+            raise NotFound("grant")
+        if record.connection != connection:
+            raise PermissionDenied(
+                WRONG_CONNECTION, REFUSALS[WRONG_CONNECTION], metadata={"connection": connection}
+            )
+        event = audit_pb2.SessionClosed(
+            grant_id=grant_id,
+            session_id=session_id,
+            subject=record.subject,
+            connection=record.connection,
+            reason=reason,
+            bytes_from_client=request.bytes_from_client,
+            bytes_to_client=request.bytes_to_client,
+            opened_at=request.opened_at,
+        )
+        receipt = await self._audit.append(
+            audit_pb2.AuditEvent(session_closed=event), timeout=self._deadline(context)
+        )
+        log.info(
+            "session %s of grant %s (%s on %s) closed after %.1fs: %s (audit index %d)",
+            session_id,
+            grant_id,
+            record.subject,
+            record.connection,
+            closed_at - opened_at,
+            reason,
+            receipt.index,
+        )
+        return policy_pb2.SessionReportAck()

@@ -290,3 +290,138 @@ class GrantKey(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GrantKey: _TypeAlias = GrantKey  # noqa: Y015
+
+@_typing.final
+class RedeemRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_TOKEN_FIELD_NUMBER: _builtins.int
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_ADDRESS_FIELD_NUMBER: _builtins.int
+    grant_token: _builtins.str
+    """The grant token the agent presented, exactly as presented."""
+    connection: _builtins.str
+    """The connection the agent asked the proxy for."""
+    session_id: _builtins.str
+    """The proxy's id for the session: 1-64 characters of A-Z, a-z, 0-9 and '-'."""
+    client_address: _builtins.str
+    """Where the agent connected from, as the proxy saw it (at most 128
+    printable characters); recorded, never trusted.
+    """
+    def __init__(
+        self,
+        *,
+        grant_token: _builtins.str = ...,
+        connection: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        client_address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_address", b"client_address", "connection", b"connection", "grant_token", b"grant_token", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeemRequest: _TypeAlias = RedeemRequest  # noqa: Y015
+
+@_typing.final
+class RedeemResponse(_message.Message):
+    """A redeemed grant, as the ledger holds it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    CONNECTION_KIND_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.str
+    subject: _builtins.str
+    connection: _builtins.str
+    connection_kind: _builtins.str
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """The session must end by then."""
+
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        connection: _builtins.str = ...,
+        connection_kind: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "connection_kind", b"connection_kind", "expires_at", b"expires_at", "grant_id", b"grant_id", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeemResponse: _TypeAlias = RedeemResponse  # noqa: Y015
+
+@_typing.final
+class SessionReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    BYTES_FROM_CLIENT_FIELD_NUMBER: _builtins.int
+    BYTES_TO_CLIENT_FIELD_NUMBER: _builtins.int
+    OPENED_AT_FIELD_NUMBER: _builtins.int
+    CLOSED_AT_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.str
+    session_id: _builtins.str
+    connection: _builtins.str
+    """The connection of the grant; a report naming another is refused."""
+    reason: _builtins.str
+    """"expired", "revoked", "client_closed", "server_closed" or "error"."""
+    bytes_from_client: _builtins.int
+    bytes_to_client: _builtins.int
+    @_builtins.property
+    def opened_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def closed_at(self) -> _timestamp_pb2.Timestamp:
+        """Not part of the audit event: the audit record's own time is when it was
+        recorded. Checked, and logged.
+        """
+
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        connection: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        bytes_from_client: _builtins.int = ...,
+        bytes_to_client: _builtins.int = ...,
+        opened_at: _timestamp_pb2.Timestamp | None = ...,
+        closed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["closed_at", b"closed_at", "opened_at", b"opened_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_from_client", b"bytes_from_client", "bytes_to_client", b"bytes_to_client", "closed_at", b"closed_at", "connection", b"connection", "grant_id", b"grant_id", "opened_at", b"opened_at", "reason", b"reason", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionReport: _TypeAlias = SessionReport  # noqa: Y015
+
+@_typing.final
+class SessionReportAck(_message.Message):
+    """The session's end is durable in the audit log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionReportAck: _TypeAlias = SessionReportAck  # noqa: Y015

@@ -62,6 +62,16 @@ class PolicyStub:
                 request_serializer=jitgate_dot_v1_dot_policy__pb2.GetGrantKeysRequest.SerializeToString,
                 response_deserializer=jitgate_dot_v1_dot_policy__pb2.GrantKeys.FromString,
                 _registered_method=True)
+        self.Redeem = channel.unary_unary(
+                '/jitgate.v1.Policy/Redeem',
+                request_serializer=jitgate_dot_v1_dot_policy__pb2.RedeemRequest.SerializeToString,
+                response_deserializer=jitgate_dot_v1_dot_policy__pb2.RedeemResponse.FromString,
+                _registered_method=True)
+        self.ReportSession = channel.unary_unary(
+                '/jitgate.v1.Policy/ReportSession',
+                request_serializer=jitgate_dot_v1_dot_policy__pb2.SessionReport.SerializeToString,
+                response_deserializer=jitgate_dot_v1_dot_policy__pb2.SessionReportAck.FromString,
+                _registered_method=True)
 
 
 class PolicyServicer:
@@ -104,6 +114,28 @@ class PolicyServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Redeem(self, request, context):
+        """The proxy identity only: check a presented grant token authoritatively
+        (signature, connection, expiry, the ledger, revocation) and record its
+        redemption in the audit log. The proxy holds no audit credential, so this
+        is its only way to have a session recorded; UNAVAILABLE (nothing durable)
+        means the session must be refused. A refusal is PERMISSION_DENIED with an
+        ErrorInfo reason: GRANT_INVALID, GRANT_EXPIRED, GRANT_REVOKED or
+        WRONG_CONNECTION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportSession(self, request, context):
+        """The proxy identity only: record that a session on a redeemed grant ended.
+        The subject recorded is the ledger's, never the proxy's; a grant policy
+        did not sign is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +158,16 @@ def add_PolicyServicer_to_server(servicer, server):
                     servicer.GetGrantKeys,
                     request_deserializer=jitgate_dot_v1_dot_policy__pb2.GetGrantKeysRequest.FromString,
                     response_serializer=jitgate_dot_v1_dot_policy__pb2.GrantKeys.SerializeToString,
+            ),
+            'Redeem': grpc.unary_unary_rpc_method_handler(
+                    servicer.Redeem,
+                    request_deserializer=jitgate_dot_v1_dot_policy__pb2.RedeemRequest.FromString,
+                    response_serializer=jitgate_dot_v1_dot_policy__pb2.RedeemResponse.SerializeToString,
+            ),
+            'ReportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportSession,
+                    request_deserializer=jitgate_dot_v1_dot_policy__pb2.SessionReport.FromString,
+                    response_serializer=jitgate_dot_v1_dot_policy__pb2.SessionReportAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -244,6 +286,60 @@ class Policy:
             '/jitgate.v1.Policy/GetGrantKeys',
             jitgate_dot_v1_dot_policy__pb2.GetGrantKeysRequest.SerializeToString,
             jitgate_dot_v1_dot_policy__pb2.GrantKeys.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Redeem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitgate.v1.Policy/Redeem',
+            jitgate_dot_v1_dot_policy__pb2.RedeemRequest.SerializeToString,
+            jitgate_dot_v1_dot_policy__pb2.RedeemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitgate.v1.Policy/ReportSession',
+            jitgate_dot_v1_dot_policy__pb2.SessionReport.SerializeToString,
+            jitgate_dot_v1_dot_policy__pb2.SessionReportAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,20 @@ class PolicyStub:
     """The public keys that verify grant tokens, for the proxy to check grants
     offline: the signing key and any still within their overlap.
     """
+    Redeem: _grpc.UnaryUnaryMultiCallable[_policy_pb2.RedeemRequest, _policy_pb2.RedeemResponse]
+    """The proxy identity only: check a presented grant token authoritatively
+    (signature, connection, expiry, the ledger, revocation) and record its
+    redemption in the audit log. The proxy holds no audit credential, so this
+    is its only way to have a session recorded; UNAVAILABLE (nothing durable)
+    means the session must be refused. A refusal is PERMISSION_DENIED with an
+    ErrorInfo reason: GRANT_INVALID, GRANT_EXPIRED, GRANT_REVOKED or
+    WRONG_CONNECTION.
+    """
+    ReportSession: _grpc.UnaryUnaryMultiCallable[_policy_pb2.SessionReport, _policy_pb2.SessionReportAck]
+    """The proxy identity only: record that a session on a redeemed grant ended.
+    The subject recorded is the ledger's, never the proxy's; a grant policy
+    did not sign is NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class PolicyAsyncStub(PolicyStub):
@@ -76,6 +90,20 @@ class PolicyAsyncStub(PolicyStub):
     GetGrantKeys: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetGrantKeysRequest, _policy_pb2.GrantKeys]  # type: ignore[assignment]
     """The public keys that verify grant tokens, for the proxy to check grants
     offline: the signing key and any still within their overlap.
+    """
+    Redeem: _aio.UnaryUnaryMultiCallable[_policy_pb2.RedeemRequest, _policy_pb2.RedeemResponse]  # type: ignore[assignment]
+    """The proxy identity only: check a presented grant token authoritatively
+    (signature, connection, expiry, the ledger, revocation) and record its
+    redemption in the audit log. The proxy holds no audit credential, so this
+    is its only way to have a session recorded; UNAVAILABLE (nothing durable)
+    means the session must be refused. A refusal is PERMISSION_DENIED with an
+    ErrorInfo reason: GRANT_INVALID, GRANT_EXPIRED, GRANT_REVOKED or
+    WRONG_CONNECTION.
+    """
+    ReportSession: _aio.UnaryUnaryMultiCallable[_policy_pb2.SessionReport, _policy_pb2.SessionReportAck]  # type: ignore[assignment]
+    """The proxy identity only: record that a session on a redeemed grant ended.
+    The subject recorded is the ledger's, never the proxy's; a grant policy
+    did not sign is NOT_FOUND.
     """
 
 class PolicyServicer(metaclass=_abc_1.ABCMeta):
@@ -122,6 +150,32 @@ class PolicyServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_policy_pb2.GrantKeys, _abc.Awaitable[_policy_pb2.GrantKeys]]:
         """The public keys that verify grant tokens, for the proxy to check grants
         offline: the signing key and any still within their overlap.
+        """
+
+    @_abc_1.abstractmethod
+    def Redeem(
+        self,
+        request: _policy_pb2.RedeemRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.RedeemResponse, _abc.Awaitable[_policy_pb2.RedeemResponse]]:
+        """The proxy identity only: check a presented grant token authoritatively
+        (signature, connection, expiry, the ledger, revocation) and record its
+        redemption in the audit log. The proxy holds no audit credential, so this
+        is its only way to have a session recorded; UNAVAILABLE (nothing durable)
+        means the session must be refused. A refusal is PERMISSION_DENIED with an
+        ErrorInfo reason: GRANT_INVALID, GRANT_EXPIRED, GRANT_REVOKED or
+        WRONG_CONNECTION.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportSession(
+        self,
+        request: _policy_pb2.SessionReport,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.SessionReportAck, _abc.Awaitable[_policy_pb2.SessionReportAck]]:
+        """The proxy identity only: record that a session on a redeemed grant ended.
+        The subject recorded is the ledger's, never the proxy's; a grant policy
+        did not sign is NOT_FOUND.
         """
 
 def add_PolicyServicer_to_server(servicer: PolicyServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -154,14 +154,14 @@ async def test_each_core_service_appends_its_own_kinds(audit: Audit) -> None:
     assert (await append(audit, "verifier", REJECTED)).index == 0
     assert (await append(audit, "policy", REVOKED)).index == 1
     assert (await append(audit, "policy", decision())).index == 2
-    assert (await append(audit, "proxy", REDEEMED)).index == 3
-    assert (await append(audit, "proxy", CLOSED)).index == 4
+    assert (await append(audit, "policy", REDEEMED)).index == 3
+    assert (await append(audit, "policy", CLOSED)).index == 4
     assert audit.records() == [
         (0, "spiffe://jitgate/verifier", "token_rejected"),
         (1, "spiffe://jitgate/policy", "revocation"),
         (2, "spiffe://jitgate/policy", "decision"),
-        (3, "spiffe://jitgate/proxy", "redemption"),
-        (4, "spiffe://jitgate/proxy", "session_closed"),
+        (3, "spiffe://jitgate/policy", "redemption"),
+        (4, "spiffe://jitgate/policy", "session_closed"),
     ]
 
 
@@ -233,7 +233,7 @@ async def test_a_proof_past_the_log_or_out_of_range_is_invalid_argument(
     assert translated.field == field
 
 
-@pytest.mark.parametrize("who", ["issuer", "operator"])
+@pytest.mark.parametrize("who", ["issuer", "proxy", "operator"])
 async def test_checkpoints_and_proofs_are_not_for_the_edge(audit: Audit, who: str) -> None:
     async with stub(audit, who) as audit_stub:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -268,6 +268,17 @@ async def test_other_workloads_may_not_append(audit: Audit, who: str) -> None:
     assert audit.records() == []
 
 
+@pytest.mark.parametrize("event", [REDEEMED, CLOSED])
+async def test_the_proxy_is_edge_and_may_not_append_even_its_own_sessions(
+    audit: Audit, event: audit_pb2.AuditEvent
+) -> None:
+    # Its sessions are recorded by policy (Policy.Redeem, Policy.ReportSession).
+    error = await refused(audit, "proxy", event)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error.details() == "caller not allowed"  # the allow-list, before any kind check
+    assert audit.records() == []
+
+
 # Append: refused kinds (EVENT_KIND_NOT_ALLOWED), nothing written.
 
 
@@ -277,8 +288,8 @@ async def test_other_workloads_may_not_append(audit: Audit, who: str) -> None:
         ("verifier", decision(), "decision"),
         ("verifier", REVOKED, "revocation"),
         ("policy", REJECTED, "token_rejected"),
-        ("proxy", decision(), "decision"),
-        ("policy", REDEEMED, "redemption"),
+        ("verifier", REDEEMED, "redemption"),
+        ("verifier", CLOSED, "session_closed"),
     ],
 )
 async def test_a_service_may_not_append_another_services_kind(
@@ -296,6 +307,9 @@ async def test_a_service_may_not_append_another_services_kind(
 def test_kinds_are_denied_by_default() -> None:
     with pytest.raises(PermissionDenied, match="EVENT_KIND_NOT_ALLOWED"):
         allowed_kind("auditor", "decision")
+    for kind in ("redemption", "session_closed"):
+        with pytest.raises(PermissionDenied, match="EVENT_KIND_NOT_ALLOWED"):
+            allowed_kind("proxy", kind)
     with pytest.raises(PermissionDenied, match="EVENT_KIND_NOT_ALLOWED"):
         allowed_kind("policy", "")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -11,19 +13,21 @@ import grpc
 import pytest
 import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from jitgate.audit.client import AuditClient
-from jitgate.common import assertion, grants, redisconn, tls
+from jitgate.common import assertion, grants, redisconn, tls, wire
 from jitgate.common.assertion import Identity
+from jitgate.common.jws import MAX_TOKEN_BYTES
 from jitgate.devstack.pki import DevPki
 from jitgate.devstack.redis_server import RedisServer, free_port
 from jitgate.policy import model
 from jitgate.policy.keyring import SingleKey
 from jitgate.policy.ledger import Ledger
 from jitgate.policy.servicer import ACL, PolicyServicer, PolicySettings
-from jitgate.v1 import policy_pb2, policy_pb2_grpc
+from jitgate.v1 import audit_pb2, policy_pb2, policy_pb2_grpc
 from tests.support import AUDIT_ACL, RecordingAudit, channel, running, serve_audit
 
 VERIFIER_KEY = Ed25519PrivateKey.generate()
@@ -314,6 +318,11 @@ async def test_redis_down_means_unavailable_and_no_grant(dev_pki: DevPki) -> Non
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await _revoke(rig, "ab" * 16)
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A token policy signed, but no ledger to check it against: fail closed.
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await _redeem(rig, _token())
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "redemption" not in rig.audit.kinds()
 
 
 @pytest.mark.parametrize(
@@ -512,3 +521,339 @@ async def test_only_the_operator_revokes_in_bulk(rig: Rig, who: str) -> None:
                 policy_pb2.RevokeGrantsRequest(subject="deploy-bot"), timeout=5
             )
     assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# Redeem and ReportSession: the proxy's only way into the audit log.
+
+
+def _token(key: Ed25519PrivateKey = POLICY_KEY, **claims: object) -> str:
+    """A grant token signed here, by default with the policy's own key."""
+    now = int(time.time())
+    body = {
+        "aud": AUDIENCE,
+        "sub": "deploy-bot",
+        "jti": "ab" * 16,
+        "con": "orders-replica",
+        "knd": "postgres",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 60,
+    }
+    return grants.token_signer(key, "jitgate").sign(body | claims)
+
+
+def _redeem_request(
+    token: str, connection: str = "orders-replica", **fields: str
+) -> policy_pb2.RedeemRequest:
+    return policy_pb2.RedeemRequest(
+        grant_token=token,
+        connection=connection,
+        session_id=fields.get("session_id", "0123abcd-ef"),
+        client_address=fields.get("client_address", "192.0.2.7:51234"),
+    )
+
+
+async def _redeem(
+    rig: Rig, token: str, connection: str = "orders-replica", *, who: str = "proxy", **fields: str
+) -> policy_pb2.RedeemResponse:
+    async with channel(rig.dev, who, rig.port, "policy") as ch:
+        response: policy_pb2.RedeemResponse = await policy_pb2_grpc.PolicyStub(ch).Redeem(
+            _redeem_request(token, connection, **fields), timeout=5
+        )
+        return response
+
+
+async def _refused(rig: Rig, token: str, connection: str = "orders-replica") -> str:
+    """Redeem, expecting PERMISSION_DENIED; return its reason."""
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _redeem(rig, token, connection)
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    return _denial(raised.value)[0]
+
+
+def _report(grant: policy_pb2.Decision, **fields: object) -> policy_pb2.SessionReport:
+    now = time.time()
+    report = policy_pb2.SessionReport(
+        grant_id=grant.grant_id,
+        session_id="0123abcd-ef",
+        connection=grant.connection,
+        reason="client_closed",
+        bytes_from_client=1234,
+        bytes_to_client=56789,
+        opened_at=wire.timestamp(now - 30),
+        closed_at=wire.timestamp(now),
+    )
+    for name, value in fields.items():
+        if value is None:
+            report.ClearField(name)
+        elif isinstance(value, Timestamp):
+            getattr(report, name).CopyFrom(value)
+        else:
+            setattr(report, name, value)
+    return report
+
+
+async def _report_session(
+    rig: Rig, report: policy_pb2.SessionReport, *, who: str = "proxy"
+) -> policy_pb2.SessionReportAck:
+    async with channel(rig.dev, who, rig.port, "policy") as ch:
+        ack: policy_pb2.SessionReportAck = await policy_pb2_grpc.PolicyStub(ch).ReportSession(
+            report, timeout=5
+        )
+        return ack
+
+
+async def test_redeem_records_the_redemption_then_answers_with_the_ledgers_grant(
+    rig: Rig,
+) -> None:
+    grant = await _granted(rig)
+    redeemed = await _redeem(rig, grant.grant_token)
+    assert (redeemed.grant_id, redeemed.subject, redeemed.connection) == (
+        grant.grant_id,
+        "deploy-bot",
+        "orders-replica",
+    )
+    assert redeemed.connection_kind == "postgres"
+    assert redeemed.expires_at == grant.expires_at
+    [(who, event)] = rig.audit.events
+    assert who == "policy"
+    assert event.redemption == audit_pb2.GrantRedeemed(
+        grant_id=grant.grant_id,
+        subject="deploy-bot",
+        connection="orders-replica",
+        session_id="0123abcd-ef",
+        expires_at=grant.expires_at,
+        client_address="192.0.2.7:51234",
+    )
+
+
+async def test_a_grant_for_another_connection_is_refused_unrecorded(rig: Rig) -> None:
+    grant = await _granted(rig)
+    assert await _refused(rig, grant.grant_token, "billing-primary") == "WRONG_CONNECTION"
+    assert not rig.audit.events
+
+
+async def test_a_revoked_grant_is_refused(rig: Rig) -> None:
+    grant = await _granted(rig)
+    await _revoke(rig, grant.grant_id)
+    rig.audit.events.clear()
+    assert await _refused(rig, grant.grant_token) == "GRANT_REVOKED"
+    assert not rig.audit.events
+
+
+async def test_an_expired_grant_is_refused(rig: Rig) -> None:
+    grant = await _decide(rig, "orders-replica", ttl_seconds=1)
+    rig.audit.events.clear()
+    # No leeway: the token's exp (whole seconds) is the last moment it redeems.
+    await asyncio.sleep(max(0.0, grant.expires_at.seconds - time.time()) + 0.1)
+    assert await _refused(rig, grant.grant_token) == "GRANT_EXPIRED"
+    assert await _refused(rig, _token(exp=int(time.time()) - 1)) == "GRANT_EXPIRED"
+    assert not rig.audit.events
+
+
+def _tampered(token: str, **claims: object) -> str:
+    """token with its payload rewritten and its signature kept."""
+    header, payload, signature = token.split(".")
+    body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    forged = base64.urlsafe_b64encode(json.dumps(body | claims).encode()).rstrip(b"=").decode()
+    return f"{header}.{forged}.{signature}"
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        # Another key, with the claims of a real grant.
+        lambda g: _token(Ed25519PrivateKey.generate(), jti=g.grant_id),
+        # A real grant with its subject, or its expiry, rewritten.
+        lambda g: _tampered(g.grant_token, sub="root"),
+        lambda g: _tampered(g.grant_token, exp=int(time.time()) + 3600),
+        # Signed by policy, but never issued: the ledger does not know it.
+        lambda g: _token(jti="cd" * 16),
+        # Signed by policy, but the ledger's record of the grant says otherwise.
+        lambda g: _token(jti=g.grant_id, sub="someone-else"),
+        # Signed by policy for another audience, or as another kind of token.
+        lambda g: _token(jti=g.grant_id, aud="spiffe://jitgate/elsewhere"),
+        lambda g: _assertion(),
+        lambda g: _token(jti="not-a-grant-id"),
+        lambda g: "not-a-jwt",
+        lambda g: "a.b.c",
+        lambda g: "é" * 100,
+    ],
+)
+async def test_a_token_policy_did_not_sign_as_is_refused_as_invalid(
+    rig: Rig, forge: Callable[[policy_pb2.Decision], str]
+) -> None:
+    grant = await _granted(rig)
+    assert await _refused(rig, forge(grant)) == "GRANT_INVALID"
+    assert not rig.audit.events
+
+
+async def test_a_forged_kid_does_not_borrow_the_policy_key(rig: Rig) -> None:
+    grant = await _granted(rig)
+    forged = _token(Ed25519PrivateKey.generate(), jti=grant.grant_id)
+    # The forger's claims and signature under the real token's header (its kid).
+    real_header = grant.grant_token.split(".")[0]
+    _, payload, signature = forged.split(".")
+    assert await _refused(rig, f"{real_header}.{payload}.{signature}") == "GRANT_INVALID"
+    assert not rig.audit.events
+
+
+@pytest.mark.parametrize("mode", ["fail", "stall"])
+async def test_audit_down_means_unavailable_and_no_redemption(rig: Rig, mode: str) -> None:
+    grant = await _granted(rig)
+    rig.audit.mode = mode
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _redeem(rig, grant.grant_token)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - started < 1.5  # the audit deadline here is 0.5 s
+    assert not rig.audit.events
+
+
+@pytest.mark.parametrize("who", ["issuer", "operator", "verifier", "auditor"])
+async def test_only_the_proxy_redeems_and_reports(rig: Rig, who: str) -> None:
+    grant = await _granted(rig)
+    for call in (
+        lambda: _redeem(rig, grant.grant_token, who=who),
+        lambda: _report_session(rig, _report(grant), who=who),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call()
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert not rig.audit.events
+
+
+@pytest.mark.parametrize(
+    ("connection", "fields", "field"),
+    [
+        ("", {}, "connection"),
+        ("Orders Replica", {}, "connection"),
+        ("orders-replica", {"session_id": ""}, "session_id"),
+        ("orders-replica", {"session_id": "x" * 65}, "session_id"),
+        ("orders-replica", {"session_id": "a b"}, "session_id"),
+        ("orders-replica", {"session_id": "sé"}, "session_id"),
+        ("orders-replica", {"client_address": "x" * 129}, "client_address"),
+        ("orders-replica", {"client_address": "1.2.3.4\n5"}, "client_address"),
+        ("orders-replica", {"client_address": "\x1b[31m"}, "client_address"),
+    ],
+)
+async def test_a_malformed_redemption_is_invalid_argument(
+    rig: Rig, connection: str, fields: dict[str, str], field: str
+) -> None:
+    grant = await _granted(rig)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _redeem(rig, grant.grant_token, connection, **fields)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (raised.value.details() or "")
+    assert not rig.audit.events
+
+
+@pytest.mark.parametrize("token", ["", "x" * (MAX_TOKEN_BYTES + 1)])
+async def test_a_missing_or_oversized_token_is_invalid_argument(rig: Rig, token: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _redeem(rig, token)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "grant_token" in (raised.value.details() or "")
+
+
+@pytest.mark.parametrize("method", ["Redeem", "ReportSession"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xff\xff\xff\xff",
+        b"\x0a\x01\xff",  # field 1 (a string) that is not UTF-8
+        b"\x42\x03\x08\x80\x80",  # field 8 holding a truncated varint
+    ],
+)
+async def test_garbage_bytes_are_invalid_argument_never_internal(
+    rig: Rig, method: str, data: bytes
+) -> None:
+    async with channel(rig.dev, "proxy", rig.port, "policy") as ch:
+        call = ch.unary_unary(
+            f"/jitgate.v1.Policy/{method}", request_serializer=None, response_deserializer=None
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call(data, timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_report_session_records_the_end_with_the_ledgers_subject(rig: Rig) -> None:
+    grant = await _granted(rig)
+    await _redeem(rig, grant.grant_token)
+    report = _report(grant, reason="expired")
+    await _report_session(rig, report)
+    assert rig.audit.kinds() == ["redemption", "session_closed"]
+    who, event = rig.audit.events[1]
+    assert who == "policy"
+    assert event.session_closed == audit_pb2.SessionClosed(
+        grant_id=grant.grant_id,
+        session_id="0123abcd-ef",
+        subject="deploy-bot",
+        connection="orders-replica",
+        reason="expired",
+        bytes_from_client=1234,
+        bytes_to_client=56789,
+        opened_at=report.opened_at,
+    )
+
+
+async def test_a_session_of_a_revoked_grant_is_still_reported(rig: Rig) -> None:
+    # The ledger keeps a revoked grant's record, so its session's end is recorded too.
+    grant = await _granted(rig)
+    await _revoke(rig, grant.grant_id)
+    await _report_session(rig, _report(grant, reason="revoked"))
+    assert rig.audit.kinds() == ["revocation", "session_closed"]
+
+
+async def test_a_report_on_a_grant_policy_did_not_sign_is_not_found(rig: Rig) -> None:
+    grant = await _granted(rig)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _report_session(rig, _report(grant, grant_id="cd" * 16))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not rig.audit.events
+
+
+async def test_a_report_naming_another_connection_is_refused(rig: Rig) -> None:
+    grant = await _granted(rig)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _report_session(rig, _report(grant, connection="billing-primary"))
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert _denial(raised.value)[0] == "WRONG_CONNECTION"
+    assert not rig.audit.events
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"reason": "bored"}, "reason"),
+        ({"reason": ""}, "reason"),
+        ({"reason": "EXPIRED"}, "reason"),
+        ({"grant_id": "nope"}, "grant_id"),
+        ({"grant_id": ""}, "grant_id"),
+        ({"session_id": "a/b"}, "session_id"),
+        ({"connection": "Bad Name"}, "connection"),
+        ({"opened_at": None}, "opened_at"),
+        ({"closed_at": None}, "closed_at"),
+        ({"opened_at": Timestamp(seconds=2**62)}, "opened_at"),
+        ({"closed_at": Timestamp(seconds=-(2**62))}, "closed_at"),
+        ({"opened_at": Timestamp(seconds=1, nanos=-1)}, "opened_at"),
+        ({"opened_at": wire.timestamp(time.time() + 3600)}, "closed_at"),
+    ],
+)
+async def test_a_malformed_report_is_invalid_argument(
+    rig: Rig, fields: dict[str, object], field: str
+) -> None:
+    grant = await _granted(rig)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _report_session(rig, _report(grant, **fields))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (raised.value.details() or "")
+    assert not rig.audit.events
+
+
+async def test_report_session_with_audit_down_is_unavailable(rig: Rig) -> None:
+    grant = await _granted(rig)
+    rig.audit.mode = "fail"
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _report_session(rig, _report(grant))
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
