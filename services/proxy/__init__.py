@@ -1,0 +1,1 @@
+"""The edge-zone PostgreSQL proxy: grants in, one upstream session out."""

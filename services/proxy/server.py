@@ -1,0 +1,99 @@
+"""The proxy's listener and the revocation listener that ends sessions within a second."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from jitgate.common.grants import REVOCATION_CHANNEL
+from jitgate.proxy.session import Hooks, Registry, Session
+
+log = logging.getLogger(__name__)
+
+RESUBSCRIBE_DELAY = 0.5
+
+
+def agent_tls(cert: str, key: str) -> ssl.SSLContext:
+    """The TLS context agents' clients meet: TLS 1.2 or newer, no client certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
+class ProxyServer:
+    """Accepts agents, one Session each; ends sessions whose grant is revoked."""
+
+    def __init__(self, *, hooks: Hooks, redis_client: redis.Redis) -> None:
+        self._hooks = hooks
+        self._redis = redis_client
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()
+
+    @property
+    def registry(self) -> Registry:
+        """The live sessions."""
+        return self._hooks.registry
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on host:port (0 picks one); return the port."""
+        self._server = await asyncio.start_server(self._accept, host, port)
+        self._listener = asyncio.create_task(self._revocations(), name="revocations")
+        bound: int = self._server.sockets[0].getsockname()[1]
+        return bound
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await Session(reader=reader, writer=writer, hooks=self._hooks).run()
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _revocations(self) -> None:
+        # Every revocation is published by the policy service; a session of a
+        # revoked grant ends as soon as the message arrives. The marker in
+        # Redis stops new redemptions even if this listener is down.
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(REVOCATION_CHANNEL)
+                self.subscribed.set()
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    data = message.get("data")
+                    grant_id = data.decode() if isinstance(data, bytes) else str(data)
+                    ended = self.registry.revoke(grant_id)
+                    if ended:
+                        log.info("grant %s revoked: ended %d session(s)", grant_id, ended)
+            except RedisError as exc:
+                self.subscribed.clear()
+                log.warning("revocation channel lost, resubscribing: %s", exc)
+                await asyncio.sleep(RESUBSCRIBE_DELAY)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def stop(self) -> None:
+        """Stop listening and end every session."""
+        if self._server is not None:
+            self._server.close()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -1,0 +1,306 @@
+"""One agent session: TLS, the grant as password, redemption, a relay until the grant ends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import ssl
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from jitgate.common.errors import (
+    InvalidArgument,
+    JitgateError,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from jitgate.proxy import pgwire
+from jitgate.proxy.grantcheck import Claims
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+"""From accept to a redeemed grant; a client that stalls longer is dropped."""
+CHUNK = 256 * 1024
+
+# SQLSTATEs (PostgreSQL docs, appendix "PostgreSQL Error Codes").
+INVALID_AUTHORIZATION = "28000"
+INVALID_PASSWORD = "28P01"  # noqa: S105  # a SQLSTATE, not a secret
+ADMIN_SHUTDOWN = "57P01"
+CANNOT_CONNECT = "08006"
+PROTOCOL_VIOLATION = "08P01"
+TOO_MANY = "53300"
+
+DENIALS = {
+    "GRANT_REVOKED": "this grant was revoked",
+    "GRANT_EXPIRED": "this grant has expired or is not live",
+    "WRONG_CONNECTION": "this grant is for another connection",
+    "GRANT_INVALID": "this grant is not valid",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Redeemed:
+    """A grant the core zone redeemed for this session."""
+
+    grant_id: str
+    subject: str
+    connection: str
+    expires_at: float
+
+
+@dataclass(kw_only=True)
+class Relay:
+    """What the relay saw: bytes each way, and why it ended."""
+
+    opened_at: float
+    bytes_from_client: int = 0
+    bytes_to_client: int = 0
+    reason: str = "client_closed"
+
+
+class UpstreamSession(Protocol):
+    """What an upstream connection gives the session (see jitgate.proxy.upstream)."""
+
+    @property
+    def reader(self) -> asyncio.StreamReader:
+        """The server's side of the stream."""
+        ...
+
+    @property
+    def writer(self) -> asyncio.StreamWriter:
+        """Our side of the stream."""
+        ...
+
+    @property
+    def parameters(self) -> dict[str, str]:
+        """ParameterStatus values the server sent at start-up, in order."""
+        ...
+
+    @property
+    def transaction_status(self) -> bytes:
+        """The status byte of the server's first ReadyForQuery."""
+        ...
+
+
+@dataclass(kw_only=True)
+class Hooks:
+    """The session's collaborators, so tests can run it against fakes or real servers."""
+
+    check: Callable[[str, str], Awaitable[Claims]]
+    redeem: Callable[[str, str, str, str], Awaitable[Redeemed]]
+    open_upstream: Callable[[str, str], Awaitable[UpstreamSession]]
+    report: Callable[[Redeemed, str, Relay], Awaitable[None]]
+    known: Callable[[str], bool]
+    tls: ssl.SSLContext
+    registry: Registry
+    clock: Callable[[], float] = time.time
+
+
+class Registry:
+    """Live sessions by grant id, so a revocation can end every one of them."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, set[Session]] = {}
+
+    def add(self, grant_id: str, session: Session) -> None:
+        """Track session under grant_id."""
+        self._sessions.setdefault(grant_id, set()).add(session)
+
+    def remove(self, grant_id: str, session: Session) -> None:
+        """Stop tracking session."""
+        live = self._sessions.get(grant_id)
+        if live is not None:
+            live.discard(session)
+            if not live:
+                del self._sessions[grant_id]
+
+    def revoke(self, grant_id: str) -> int:
+        """End every session of grant_id; return how many there were."""
+        live = list(self._sessions.get(grant_id, ()))
+        for session in live:
+            session.end("revoked")
+        return len(live)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._sessions.values())
+
+
+@dataclass(eq=False, kw_only=True)
+class Session:
+    """One client connection from accept to close."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    hooks: Hooks
+    session_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    _ending: asyncio.Event = field(default_factory=asyncio.Event)
+    _reason: str = ""
+
+    def end(self, reason: str) -> None:
+        """Ask the relay to stop: "expired" or "revoked"."""
+        if not self._reason:
+            self._reason = reason
+        self._ending.set()
+
+    async def run(self) -> None:
+        """Serve the client until it leaves or its grant ends; never raises."""
+        peer = self.writer.get_extra_info("peername")
+        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        try:
+            started = await asyncio.wait_for(self._handshake(client), HANDSHAKE_TIMEOUT)
+        except TimeoutError:
+            log.info("session %s from %s: handshake timed out", self.session_id, client)
+            await self._close()
+            return
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+            log.info("session %s from %s: left during handshake: %s", self.session_id, client, exc)
+            await self._close()
+            return
+        if started is None:
+            await self._close()
+            return
+        redeemed, upstream = started
+        await self._relay(redeemed, upstream)
+
+    async def _refuse(self, sqlstate: str, text: str) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            self.writer.write(pgwire.error_response(sqlstate, text))
+            await self.writer.drain()
+
+    async def _handshake(self, client: str) -> tuple[Redeemed, UpstreamSession] | None:
+        startup = await pgwire.read_startup(self.reader)
+        if startup.code == pgwire.GSSENC_REQUEST:
+            self.writer.write(b"N")  # no GSS encryption; the client may ask for TLS next
+            await self.writer.drain()
+            startup = await pgwire.read_startup(self.reader)
+        if startup.code == pgwire.CANCEL_REQUEST:
+            return None  # cancels are handled by the server before a session exists
+        if startup.code != pgwire.SSL_REQUEST:
+            # Before any password is asked for: a token must never cross in clear.
+            await self._refuse(
+                INVALID_AUTHORIZATION, "jitgate requires TLS: connect with sslmode=require"
+            )
+            log.info("session %s from %s: refused, no TLS", self.session_id, client)
+            return None
+        self.writer.write(b"S")
+        await self.writer.drain()
+        await self.writer.start_tls(self.hooks.tls)
+        startup = await pgwire.read_startup(self.reader)
+        if startup.code != pgwire.PROTOCOL_3:
+            await self._refuse(PROTOCOL_VIOLATION, "expected a start-up message")
+            return None
+        connection = startup.parameters.get("database", "")
+        if not self.hooks.known(connection):
+            await self._refuse(INVALID_AUTHORIZATION, f"no connection named {connection[:63]!r}")
+            return None
+        self.writer.write(pgwire.authentication(pgwire.AUTH_CLEARTEXT))
+        await self.writer.drain()
+        kind, body = await pgwire.read_message(self.reader, pgwire.MAX_PASSWORD_BYTES)
+        if kind != b"p":
+            await self._refuse(PROTOCOL_VIOLATION, "expected the grant token as the password")
+            return None
+        token = pgwire.password(body)
+        try:
+            await self.hooks.check(token, connection)
+            redeemed = await self.hooks.redeem(token, connection, self.session_id, client)
+        except (Unauthenticated, InvalidArgument, NotFound):
+            await self._refuse(INVALID_PASSWORD, "the grant token is not valid")
+            log.info("session %s from %s: grant token rejected", self.session_id, client)
+            return None
+        except PermissionDenied as exc:
+            await self._refuse(INVALID_AUTHORIZATION, DENIALS.get(exc.reason, "grant refused"))
+            log.info("session %s from %s: %s", self.session_id, client, exc.reason)
+            return None
+        except Unavailable as exc:
+            await self._refuse(CANNOT_CONNECT, "jitgate cannot redeem grants right now; retry")
+            log.warning("session %s from %s: failing closed: %s", self.session_id, client, exc)
+            return None
+        try:
+            upstream = await self.hooks.open_upstream(connection, redeemed.subject)
+        except JitgateError as exc:
+            await self._refuse(CANNOT_CONNECT, f"cannot reach {connection}")
+            log.warning("session %s: upstream %s failed: %s", self.session_id, connection, exc)
+            failed = Relay(opened_at=self.hooks.clock(), reason="error")
+            await self.hooks.report(redeemed, self.session_id, failed)
+            return None
+        # The client sees the server's parameters and our own cancel key.
+        hello = [pgwire.authentication(pgwire.AUTH_OK)]
+        for name, value in upstream.parameters.items():
+            hello.append(pgwire.message(b"S", name.encode() + b"\x00" + value.encode() + b"\x00"))
+        hello.append(pgwire.message(b"K", struct.pack("!ii", 0, 0)))
+        hello.append(pgwire.message(b"Z", upstream.transaction_status))
+        self.writer.write(b"".join(hello))
+        await self.writer.drain()
+        log.info(
+            "session %s: %s on %s until %s (grant %s)",
+            self.session_id,
+            redeemed.subject,
+            connection,
+            time.strftime("%H:%M:%S", time.gmtime(redeemed.expires_at)),
+            redeemed.grant_id,
+        )
+        return redeemed, upstream
+
+    async def _relay(self, redeemed: Redeemed, upstream: UpstreamSession) -> None:
+        registry, loop = self.hooks.registry, asyncio.get_running_loop()
+        stats = Relay(opened_at=self.hooks.clock())
+        registry.add(redeemed.grant_id, self)
+        left = max(0.0, redeemed.expires_at - self.hooks.clock())
+        timer = loop.call_later(left, self.end, "expired")
+        boundaries = pgwire.Boundaries()
+
+        async def to_upstream() -> None:
+            while chunk := await self.reader.read(CHUNK):
+                stats.bytes_from_client += len(chunk)
+                upstream.writer.write(chunk)
+                await upstream.writer.drain()
+
+        async def to_client() -> None:
+            while chunk := await upstream.reader.read(CHUNK):
+                boundaries.feed(chunk)
+                stats.bytes_to_client += len(chunk)
+                self.writer.write(chunk)
+                await self.writer.drain()
+
+        pumps = [asyncio.create_task(to_upstream()), asyncio.create_task(to_client())]
+        ending = asyncio.create_task(self._ending.wait())
+        try:
+            done, _ = await asyncio.wait([*pumps, ending], return_when=asyncio.FIRST_COMPLETED)
+            if ending in done:
+                stats.reason = self._reason
+            elif pumps[1] in done:
+                stats.reason = "server_closed"
+            for task in [*pumps, ending]:
+                task.cancel()
+            await asyncio.gather(*pumps, ending, return_exceptions=True)
+            if stats.reason in ("expired", "revoked") and boundaries.at_boundary:
+                # Tell the agent why, between two messages, then close both sides.
+                await self._refuse(ADMIN_SHUTDOWN, f"jitgate: grant {stats.reason}")
+        finally:
+            timer.cancel()
+            registry.remove(redeemed.grant_id, self)
+            with contextlib.suppress(Exception):
+                upstream.writer.close()
+            await self._close()
+            log.info(
+                "session %s ended (%s): %d bytes in, %d out",
+                self.session_id,
+                stats.reason,
+                stats.bytes_from_client,
+                stats.bytes_to_client,
+            )
+            with contextlib.suppress(Exception):
+                await self.hooks.report(redeemed, self.session_id, stats)
+
+    async def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)

@@ -1,0 +1,225 @@
+"""The proxy's sessions against a real PostgreSQL that demands SCRAM: clients see only the grant."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import struct
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import psycopg
+import pytest
+import redis.asyncio as aioredis
+
+from jitgate.common.errors import PermissionDenied, Unauthenticated
+from jitgate.common.grants import REVOCATION_CHANNEL
+from jitgate.devstack import pki
+from jitgate.devstack.redis_server import RedisServer
+from jitgate.proxy import config, pgwire
+from jitgate.proxy.grantcheck import Claims
+from jitgate.proxy.main import opener
+from jitgate.proxy.server import ProxyServer, agent_tls
+from jitgate.proxy.session import Hooks, Redeemed, Registry, Relay
+from tests.proxy.test_upstream import APP_DB, PrivateServer, make_role, scram_pg
+
+__all__ = ["scram_pg"]  # the fixture, imported to be used here
+
+pytestmark = pytest.mark.integration
+SECRET = "upstream-Secret-7f3a9c"  # the role's password in the test server
+TOKEN = "grant.token.ok"  # what the fake check accepts
+
+
+@dataclass
+class Rig:
+    port: int
+    proxy: ProxyServer
+    publisher: aioredis.Redis
+    reports: list[tuple[str, Relay]] = field(default_factory=list)
+    ttl: float = 60.0
+
+
+@pytest.fixture
+async def rig(
+    scram_pg: PrivateServer, dev_pki: pki.DevPki, redis_server: RedisServer
+) -> AsyncIterator[Rig]:
+    role = make_role(scram_pg, SECRET)
+    upstreams = {
+        name: config.Upstream(
+            name=name,
+            database=APP_DB,
+            user=role,
+            password=SECRET,
+            socket_dir=scram_pg.socket_dir,
+            port=scram_pg.port,
+            read_only=read_only,
+        )
+        for name, read_only in (("orders", False), ("orders-ro", True))
+    }
+    client = aioredis.Redis.from_url(redis_server.url("admin"))
+    state = Rig(port=0, proxy=None, publisher=client)  # type: ignore[arg-type]
+
+    async def check(token: str, connection: str) -> Claims:
+        if token == "other":
+            raise PermissionDenied("WRONG_CONNECTION", "another connection")
+        if token != TOKEN:
+            raise Unauthenticated("signature", "bad")
+        return Claims(
+            grant_id="ab" * 16,
+            subject="deploy-bot",
+            connection=connection,
+            kind="postgres",
+            expires_at=time.time() + state.ttl,
+        )
+
+    async def redeem(token: str, connection: str, session_id: str, client: str) -> Redeemed:
+        return Redeemed(
+            grant_id="ab" * 16,
+            subject="deploy-bot",
+            connection=connection,
+            expires_at=time.time() + state.ttl,
+        )
+
+    async def report(redeemed: Redeemed, session_id: str, relay: Relay) -> None:
+        state.reports.append((session_id, relay))
+
+    files = dev_pki.files("proxy")
+    hooks = Hooks(
+        check=check,
+        redeem=redeem,
+        open_upstream=opener(upstreams),
+        report=report,
+        known=upstreams.__contains__,
+        tls=agent_tls(str(files.cert), str(files.key)),
+        registry=Registry(),
+    )
+    proxy = ProxyServer(hooks=hooks, redis_client=client)
+    state.port = await proxy.start("127.0.0.1", 0)
+    state.proxy = proxy
+    await asyncio.wait_for(proxy.subscribed.wait(), 5)
+    yield state
+    await proxy.stop()
+    await client.aclose()
+
+
+async def _connect(rig: Rig, dbname: str = "orders", **kw: str) -> psycopg.AsyncConnection:
+    params = {"password": TOKEN, "sslmode": "require", **kw}
+    return await psycopg.AsyncConnection.connect(
+        host="127.0.0.1", port=rig.port, dbname=dbname, user="agent", autocommit=True, **params
+    )
+
+
+async def _reports(rig: Rig, count: int) -> list[tuple[str, Relay]]:
+    """The session reports, once count of them have arrived (they follow the close)."""
+    for _ in range(100):
+        if len(rig.reports) >= count:
+            break
+        await asyncio.sleep(0.02)
+    return rig.reports
+
+
+async def test_a_client_queries_through_the_proxy_with_its_grant(rig: Rig) -> None:
+    async with await _connect(rig) as conn:
+        cursor = await conn.execute("SELECT 42, current_user, current_setting('application_name')")
+        count, user, application = await cursor.fetchone() or (None, None, None)
+        assert count == 42
+        assert user.startswith("jg_")  # the proxy's role, not anything the agent named
+        assert application == "jitgate:deploy-bot"
+        await conn.execute("INSERT INTO items VALUES (1)")
+    [(_, relay)] = await _reports(rig, 1)
+    assert relay.reason == "client_closed"
+    assert relay.bytes_from_client > 0
+    assert relay.bytes_to_client > 0
+
+
+async def test_a_client_without_tls_is_refused_before_any_password(rig: Rig) -> None:
+    with pytest.raises(psycopg.OperationalError, match="requires TLS"):
+        await _connect(rig, sslmode="disable")
+
+
+@pytest.mark.parametrize(
+    ("password", "dbname", "message"),
+    [
+        ("forged", "orders", "grant token is not valid"),
+        ("other", "orders", "grant is for another connection"),
+        (TOKEN, "nowhere", "no connection named"),
+    ],
+)
+async def test_bad_grants_get_an_error_response(
+    rig: Rig, password: str, dbname: str, message: str
+) -> None:
+    with pytest.raises(psycopg.OperationalError, match=message):
+        await _connect(rig, dbname, password=password)
+
+
+async def test_a_revoked_grant_ends_its_session_within_a_second(rig: Rig) -> None:
+    conn = await _connect(rig)
+    try:
+        await conn.execute("SELECT 1")
+        started = time.monotonic()
+        await rig.publisher.publish(REVOCATION_CHANNEL, "ab" * 16)
+        for _ in range(100):
+            if not len(rig.proxy.registry):
+                break
+            await asyncio.sleep(0.02)
+        assert len(rig.proxy.registry) == 0
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(psycopg.OperationalError, match="grant revoked"):
+            await conn.execute("SELECT 1")
+    finally:
+        await conn.close()
+    assert [relay.reason for _, relay in await _reports(rig, 1)] == ["revoked"]
+
+
+async def test_an_expired_grant_ends_its_session(rig: Rig) -> None:
+    rig.ttl = 1.0
+    conn = await _connect(rig)
+    try:
+        await conn.execute("SELECT 1")
+        await asyncio.sleep(1.5)
+        with pytest.raises(psycopg.OperationalError, match="grant expired"):
+            await conn.execute("SELECT 1")
+    finally:
+        await conn.close()
+    assert [relay.reason for _, relay in await _reports(rig, 1)] == ["expired"]
+
+
+async def test_writes_fail_on_a_read_only_connection(rig: Rig) -> None:
+    async with await _connect(rig, "orders-ro") as conn:
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            await conn.execute("INSERT INTO items VALUES (2)")
+
+
+async def _raw_session(port: int, caplog: pytest.LogCaptureFixture) -> bytes:
+    """Everything an agent receives in a session, byte for byte."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(struct.pack("!ii", 8, pgwire.SSL_REQUEST))
+    assert await reader.readexactly(1) == b"S"
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    await writer.start_tls(context)
+    body = b"user\x00agent\x00database\x00orders\x00\x00"
+    writer.write(struct.pack("!ii", len(body) + 8, pgwire.PROTOCOL_3) + body)
+    received = await reader.readexactly(9)  # AuthenticationCleartextPassword
+    writer.write(pgwire.message(b"p", TOKEN.encode() + b"\x00"))
+    writer.write(
+        pgwire.message(b"Q", b"SELECT rolname FROM pg_roles WHERE rolname = current_user\x00")
+    )
+    writer.write(pgwire.message(b"X"))
+    await writer.drain()
+    received += await reader.read()
+    writer.close()
+    return received
+
+
+async def test_the_upstream_password_reaches_no_client_byte_and_no_log(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        received = await _raw_session(rig.port, caplog)
+    assert b"Z" in received  # the session really ran
+    assert SECRET.encode() not in received
+    assert SECRET not in caplog.text
