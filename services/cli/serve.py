@@ -10,7 +10,7 @@ from typing import Any
 from jitgate.common import logs
 from jitgate.common.config import Env
 
-SERVICES = ("audit", "verifier", "policy", "issuer")
+SERVICES = ("audit", "verifier", "policy", "issuer", "proxy")
 
 
 def register(verbs: Any) -> None:

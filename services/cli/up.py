@@ -15,10 +15,12 @@ from jitgate.devstack.stack import DEFAULT_PORTS, Stack
 
 def register(verbs: Any) -> None:
     """Add the up verb."""
-    cmd = verbs.add_parser("up", help="run redis, the dev IdP and every service locally")
+    cmd = verbs.add_parser(
+        "up", help="run redis, postgres, the dev IdP, every service and the proxy locally"
+    )
     cmd.add_argument("--state-dir", type=Path, default=Path(".jitgate"))
     cmd.add_argument(
-        "--random-ports", action="store_true", help="pick free ports instead of 7443-7448"
+        "--random-ports", action="store_true", help="pick free ports instead of 7443-7449 and 6432"
     )
     cmd.set_defaults(func=run)
 
@@ -36,11 +38,14 @@ def _usage(stack: Stack) -> str:
             f"  verifier  {stack.address('verifier')}   mTLS",
             f"  policy    {stack.address('policy')}   mTLS, policy {stack.policy_file}",
             f"  audit     {stack.address('audit')}   mTLS, log {stack.audit_db}",
+            f"  proxy     {stack.address('proxy')}   PostgreSQL over TLS, grant as password",
             f"  dev IdP   {stack.oidc_issuer}",
             "try, in another shell:",
             f"  export JITGATE_ISSUER={stack.address('issuer')} JITGATE_CA={stack.pki.ca}",
             f"  export JITGATE_TOKEN=$({token_cmd})",
             '  jitgate grant request orders-replica --ttl 120 --reason "look at slow queries"',
+            f'  psql "host=127.0.0.1 port={stack.ports["proxy"]} sslmode=require'
+            ' dbname=orders-replica user=deploy-bot password=<the grant token>"',
             "Ctrl-C stops everything.",
         ]
     )

@@ -49,9 +49,13 @@ def binary_argv(argv: Sequence[str]) -> list[str]:
 
 
 def spawn(
-    argv: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None
+    argv: Sequence[str],
+    *,
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    account: tuple[int, int] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start argv with its output appended to log."""
+    """Start argv with its output appended to log; as account (uid, gid) when given (root)."""
     child_env = {**(env if env is not None else os.environ), PARENT_ENV: str(os.getpid())}
     with log.open("ab") as out:
         return subprocess.Popen(
@@ -60,6 +64,9 @@ def spawn(
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            user=account[0] if account else None,
+            group=account[1] if account else None,
+            extra_groups=[] if account else None,
         )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import jwt
+import psycopg
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from jitgate.audit import verify
@@ -24,6 +25,7 @@ from jitgate.devstack.stack import Stack
 from jitgate.v1 import audit_pb2, audit_pb2_grpc
 
 AGENT = "deploy-bot"
+SUMMARY = "SELECT count(*), sum(total_cents) FROM orders"
 Say = Callable[[str], None]
 
 
@@ -55,47 +57,94 @@ def _scope(grant: Grant) -> str:
     return f"sub={claims['sub']} con={claims['con']} aud={claims['aud']} jti={claims['jti'][:8]}…"
 
 
+def _proxy_session(stack: Stack, grant: Grant) -> psycopg.Connection[tuple[object, ...]]:
+    """Connect through the proxy as an agent does: TLS, the grant token as the password."""
+    host, _, port = stack.address("proxy").rpartition(":")
+    return psycopg.connect(
+        host=host,
+        port=int(port),
+        sslmode="verify-full",
+        sslrootcert=str(stack.pki.ca),
+        dbname=grant.connection,
+        user=AGENT,
+        password=grant.token,
+        autocommit=True,
+        connect_timeout=5,
+    )
+
+
+def _query_through_proxy(conn: psycopg.Connection[tuple[object, ...]], say: Say) -> None:
+    count, cents = conn.execute(SUMMARY).fetchone() or (0, 0)
+    say(f"      {SUMMARY} -> {count}, {cents}")
+    try:
+        conn.execute("INSERT INTO orders (customer, total_cents) VALUES ('mallory', 1)")
+        raise DemoFailed("an INSERT went through a read-only connection")
+    except psycopg.Error as refused:
+        say(f"      INSERT -> REFUSED {refused.sqlstate}: {refused.diag.message_primary}")
+
+
+def _ended_by_revocation(conn: psycopg.Connection[tuple[object, ...]], revoked_at: float) -> str:
+    """Query until the proxy ends the session; return what the agent saw, and when."""
+    while time.monotonic() - revoked_at < 1.0:
+        try:
+            conn.execute("SELECT 1")
+        except psycopg.Error as ended:
+            took = (time.monotonic() - revoked_at) * 1000
+            message = ended.diag.message_primary or str(ended).strip().splitlines()[0]
+            return f"{message!r} {took:.0f} ms after the revocation"
+        time.sleep(0.02)
+    raise DemoFailed("the proxy session outlived its grant's revocation by a second")
+
+
 def _steps(stack: Stack, say: Say) -> None:
     token = stack.token(AGENT)
     groups = jwt.decode(token, options={"verify_signature": False}).get("groups")
-    say(f"[2/7] {AGENT} authenticates to the IdP (client credentials); groups: {groups}")
+    say(f"[2/8] {AGENT} authenticates to the IdP (client credentials); groups: {groups}")
     with IssuerClient(stack.address("issuer"), token=token, ca_file=stack.pki.ca) as agent:
-        say(f'[3/7] {AGENT} asks for orders-replica for 120 s: "investigate slow order queries"')
+        say(f'[3/8] {AGENT} asks for orders-replica for 120 s: "investigate slow order queries"')
         grant = agent.request_grant(
             "orders-replica", ttl_seconds=120, reason="investigate slow order queries"
         )
         left = grant.expires_at.timestamp() - time.time()
         say(f"      ALLOWED  grant {grant.grant_id} for {grant.connection}, {left:.0f} s left")
         say(f"      the grant token names one connection: {_scope(grant)}")
-        say("      the agent holds this token, never a password; the proxy that redeems it")
-        say(f"      (at {grant.proxy_endpoint}) is not part of this release yet")
-        say(f"[4/7] {AGENT} asks for billing-primary")
+        say(f"[4/8] {AGENT} connects to {grant.proxy_endpoint} (the proxy) over TLS with the")
+        say("      grant token as its password; the proxy logs in upstream as a read-only role")
+        session = _proxy_session(stack, grant)
         try:
-            agent.request_grant("billing-primary", reason="refund a customer")
-            raise DemoFailed("billing-primary was granted to a group with no binding for it")
-        except Denied as denied:
-            say(f"      DENIED   {denied.reason}: {denied.message}")
-        say("[5/7] a forged token (attacker's key, the IdP's kid) asks for orders-replica")
-        forged = IssuerClient(
-            stack.address("issuer"), token=_forged_token(token), ca_file=stack.pki.ca
-        )
-        with forged:
+            _query_through_proxy(session, say)
+            say(f"[5/8] {AGENT} asks for billing-primary")
             try:
-                forged.request_grant("orders-replica")
-                raise DemoFailed("a forged token got a grant")
-            except Unauthenticated as rejected:
-                say(f"      REJECTED UNAUTHENTICATED: {rejected}")
-        live = agent.list_grants()
-        say(f"[6/7] {AGENT} lists its grants: {[g.grant_id for g in live]}")
-        if [g.grant_id for g in live] != [grant.grant_id]:
-            raise DemoFailed("the live grant is not listed")
-        agent.revoke_grant(grant.grant_id, reason="done investigating")
-        after = agent.list_grants()
-        say(f"      revoked {grant.grant_id}; live grants now: {[g.grant_id for g in after]}")
-        if after:
-            raise DemoFailed("a revoked grant is still listed")
+                agent.request_grant("billing-primary", reason="refund a customer")
+                raise DemoFailed("billing-primary was granted to a group with no binding for it")
+            except Denied as denied:
+                say(f"      DENIED   {denied.reason}: {denied.message}")
+            say("[6/8] a forged token (attacker's key, the IdP's kid) asks for orders-replica")
+            forged = IssuerClient(
+                stack.address("issuer"), token=_forged_token(token), ca_file=stack.pki.ca
+            )
+            with forged:
+                try:
+                    forged.request_grant("orders-replica")
+                    raise DemoFailed("a forged token got a grant")
+                except Unauthenticated as rejected:
+                    say(f"      REJECTED UNAUTHENTICATED: {rejected}")
+            live = agent.list_grants()
+            say(f"[7/8] {AGENT} lists its grants: {[g.grant_id for g in live]}")
+            if [g.grant_id for g in live] != [grant.grant_id]:
+                raise DemoFailed("the live grant is not listed")
+            agent.revoke_grant(grant.grant_id, reason="done investigating")
+            revoked_at = time.monotonic()
+            after = agent.list_grants()
+            say(f"      revoked {grant.grant_id}; live grants now: {[g.grant_id for g in after]}")
+            if after:
+                raise DemoFailed("a revoked grant is still listed")
+            ended = _ended_by_revocation(session, revoked_at)
+            say(f"      the open proxy session's next query fails: {ended}")
+        finally:
+            session.close()
     kinds = _audit_kinds(stack)
-    say(f"[7/7] the audit log, read as the auditor: {json.dumps(dict(sorted(kinds.items())))}")
+    say(f"[8/8] the audit log, read as the auditor: {json.dumps(dict(sorted(kinds.items())))}")
 
 
 def run(say: Say = print) -> int:
@@ -104,7 +153,7 @@ def run(say: Say = print) -> int:
         stack = Stack(Path(tmp), redis_url=os.environ.get("REDIS_URL"))
         say("jitgate demo: one agent, one connection, one short-lived grant")
         started = time.monotonic()
-        say("[1/7] starting redis, the dev IdP, audit, verifier, policy and issuer ...")
+        say("[1/8] starting redis, postgres, the dev IdP, audit, verifier, policy, issuer, proxy")
         try:
             stack.start()
             took = time.monotonic() - started

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from jitgate.common import keys, tls
 from jitgate.common.errors import ConfigError
 from jitgate.common.identity import DEFAULT_TRUST_DOMAIN
 from jitgate.devstack import children, idp, pki
+from jitgate.devstack.postgres_server import DemoPostgres
 from jitgate.devstack.redis_server import RedisServer, free_port, provision
 from jitgate.policy import keyring
 
@@ -35,12 +37,15 @@ DEFAULT_PORTS: Mapping[str, int] = {
     "idp": 7447,
     "redis": 7448,
     "proxy": 6432,
+    "postgres": 7449,
 }
+PROXIED_CONNECTION = "orders-replica"
+"""The example policy's connection the proxy serves, from the demo PostgreSQL."""
 EXAMPLES = Path(__file__).parent / "examples"
 
 
 class Stack:
-    """Redis, the dev IdP, audit, verifier, policy and issuer, each its own process.
+    """Redis, PostgreSQL, the dev IdP, audit, verifier, policy, issuer and proxy: processes.
 
     With oidc_issuer set, the verifier trusts that issuer instead (its TLS
     checked against oidc_ca_bundle, or the system's CAs when that is None) and
@@ -69,6 +74,7 @@ class Stack:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.redis: RedisServer | None = None
         self.redis_users: dict[str, str] = {}
+        self.postgres: DemoPostgres | None = None
 
     # Paths and addresses -------------------------------------------------
 
@@ -101,6 +107,16 @@ class Stack:
     def agents_file(self) -> Path:
         """The dev IdP's agents (copied from the example on first start)."""
         return self.state / "agents.toml"
+
+    @property
+    def proxy_connections(self) -> Path:
+        """The proxy's connections.toml (written at each start: the cluster is fresh)."""
+        return self.state / "proxy" / "connections.toml"
+
+    @property
+    def postgres_password_file(self) -> Path:
+        """The demo database's read-only role password, which only the proxy reads."""
+        return self.state / "postgres" / "jitgate_orders_ro.password"
 
     def address(self, name: str) -> str:
         """host:port of a service."""
@@ -197,6 +213,15 @@ class Stack:
                 "JITGATE_REDIS_URL": self.redis_url("issuer"),
                 "JITGATE_PROXY_ENDPOINT": self.address("proxy"),
             }
+        elif name == "proxy":
+            env |= {
+                "JITGATE_POLICY_ADDR": self.address("policy"),
+                "JITGATE_REDIS_URL": self.redis_url("proxy"),
+                "JITGATE_PROXY_CONNECTIONS": str(self.proxy_connections),
+            }
+            # Agents are served the proxy's workload certificate, from the dev CA.
+            env.pop("JITGATE_PROXY_TLS_CERT", None)
+            env.pop("JITGATE_PROXY_TLS_KEY", None)
         return env | self.extra_env
 
     # Processes -----------------------------------------------------------
@@ -220,13 +245,38 @@ class Stack:
                 self.redis.start()
             else:
                 self.redis_users = provision(self.external_redis)
+            self._start_postgres()
             if self.dev_idp:
                 self._start_dev_idp(timeout=timeout)
             for name in SERVICES:
                 self.start_service(name, timeout=timeout)
+            self._spawn("proxy", ["serve", "proxy"], self._env("proxy"))
+            self.wait_listening("proxy", timeout=timeout)
         except BaseException:
             self.stop()
             raise
+
+    def _start_postgres(self) -> None:
+        self.postgres = DemoPostgres(
+            password_file=self.postgres_password_file, port=self.ports.get("postgres")
+        )
+        self.postgres.start()
+        self.proxy_connections.parent.mkdir(parents=True, exist_ok=True)
+        self.proxy_connections.write_text(self.postgres.connections_toml(PROXIED_CONNECTION))
+
+    def wait_listening(self, name: str, *, timeout: float) -> None:
+        """Wait until name accepts TCP connections (the proxy has no health service)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive(name)
+            try:
+                with socket.create_connection(("127.0.0.1", self.ports[name]), timeout=0.5):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise ConfigError(f"{name} not listening after {timeout}s:\n{self.log_tail(name)}")
+            time.sleep(0.05)
 
     def _start_dev_idp(self, *, timeout: float) -> None:
         files = self.pki.files("idp")
@@ -316,9 +366,12 @@ class Stack:
             children.stop(process, timeout=timeout)
 
     def stop(self) -> None:
-        """Stop every process, newest first, then Redis."""
+        """Stop every process, newest first, then PostgreSQL and Redis."""
         for name in reversed(list(self.processes)):
             self.stop_service(name)
+        if self.postgres is not None:
+            self.postgres.stop()
+            self.postgres = None
         if self.redis is not None:
             self.redis.stop()
             self.redis = None

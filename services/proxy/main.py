@@ -91,6 +91,34 @@ class Core:
             )
 
 
+def target(conf: config.Upstream) -> upstream.Target:
+    """The upstream module's view of a configured connection."""
+    return upstream.Target(
+        host=conf.host,
+        port=conf.port,
+        socket_dir=conf.socket_dir,
+        database=conf.database,
+        user=conf.user,
+        password=conf.password,
+        tls=conf.tls,
+        ca_file=conf.ca_file or None,
+    )
+
+
+def canceller(
+    upstreams: dict[str, config.Upstream],
+) -> Callable[[str, tuple[int, int]], Awaitable[None]]:
+    """Return how to cancel an upstream session's running query, given its backend key."""
+
+    async def cancel(connection: str, key: tuple[int, int]) -> None:
+        try:
+            await upstream.cancel(target(upstreams[connection]), *key)
+        except upstream.UpstreamError as exc:
+            raise Unavailable(connection, str(exc)) from exc
+
+    return cancel
+
+
 def opener(
     upstreams: dict[str, config.Upstream],
 ) -> Callable[[str, str], Awaitable[UpstreamSession]]:
@@ -98,19 +126,9 @@ def opener(
 
     async def open_upstream(connection: str, subject: str) -> UpstreamSession:
         conf = upstreams[connection]
-        target = upstream.Target(
-            host=conf.host,
-            port=conf.port,
-            socket_dir=conf.socket_dir,
-            database=conf.database,
-            user=conf.user,
-            password=conf.password,
-            tls=conf.tls,
-            ca_file=conf.ca_file or None,
-        )
         try:
             return await upstream.connect(
-                target,
+                target(conf),
                 read_only=conf.read_only,
                 # Who is behind the session, for the server's own views and logs.
                 application_name=f"jitgate:{subject}"[:63],
@@ -154,6 +172,7 @@ async def serve(env: Env) -> None:
         known=upstreams.__contains__,
         tls=agents_tls,
         registry=Registry(),
+        cancel=canceller(upstreams),
     )
     server = ProxyServer(hooks=hooks, redis_client=redis_client)
     host, _, port = listen.rpartition(":")

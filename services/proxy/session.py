@@ -89,6 +89,11 @@ class UpstreamSession(Protocol):
         """The status byte of the server's first ReadyForQuery."""
         ...
 
+    @property
+    def backend_key(self) -> tuple[int, int] | None:
+        """The server's cancel key for this session, if it sent one."""
+        ...
+
 
 @dataclass(kw_only=True)
 class Hooks:
@@ -101,14 +106,37 @@ class Hooks:
     known: Callable[[str], bool]
     tls: ssl.SSLContext
     registry: Registry
+    cancel: Callable[[str, tuple[int, int]], Awaitable[None]] | None = None
+    """Cancel the running query of an upstream session: (connection, its backend key)."""
     clock: Callable[[], float] = time.time
 
 
 class Registry:
-    """Live sessions by grant id, so a revocation can end every one of them."""
+    """Live sessions by grant id, so a revocation can end every one of them.
+
+    It also maps the cancel keys the proxy hands its clients to the upstream
+    sessions' own keys: a client's cancel request never reaches a server
+    directly, and a guessed key cancels nothing of anyone else's.
+    """
 
     def __init__(self) -> None:
         self._sessions: dict[str, set[Session]] = {}
+        self._cancels: dict[tuple[int, int], tuple[str, tuple[int, int]]] = {}
+
+    def cancel_key(self, connection: str, upstream: tuple[int, int] | None) -> tuple[int, int]:
+        """Return a fresh client-facing cancel key for an upstream session's key."""
+        key = (secrets.randbits(31), secrets.randbits(31))
+        if upstream is not None:
+            self._cancels[key] = (connection, upstream)
+        return key
+
+    def forget_cancel_key(self, key: tuple[int, int]) -> None:
+        """The session ended: its key cancels nothing any more."""
+        self._cancels.pop(key, None)
+
+    def upstream_of(self, key: tuple[int, int]) -> tuple[str, tuple[int, int]] | None:
+        """Return (connection, upstream key) for a client's cancel key, if live."""
+        return self._cancels.get(key)
 
     def add(self, grant_id: str, session: Session) -> None:
         """Track session under grant_id."""
@@ -143,6 +171,7 @@ class Session:
     session_id: str = field(default_factory=lambda: secrets.token_hex(8))
     _ending: asyncio.Event = field(default_factory=asyncio.Event)
     _reason: str = ""
+    _cancel_key: tuple[int, int] = (0, 0)
 
     def end(self, reason: str) -> None:
         """Ask the relay to stop: "expired" or "revoked"."""
@@ -170,6 +199,18 @@ class Session:
         redeemed, upstream = started
         await self._relay(redeemed, upstream)
 
+    async def _forward_cancel(self, startup: pgwire.Startup) -> None:
+        # Protocol: a cancel request gets no answer; the connection just closes.
+        found = self.hooks.registry.upstream_of(startup.cancel or (0, 0))
+        if found is None or self.hooks.cancel is None:
+            log.info("session %s: cancel request for no live session", self.session_id)
+            return
+        connection, upstream_key = found
+        try:
+            await self.hooks.cancel(connection, upstream_key)
+        except JitgateError as exc:
+            log.warning("session %s: cancel on %s failed: %s", self.session_id, connection, exc)
+
     async def _refuse(self, sqlstate: str, text: str) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
             self.writer.write(pgwire.error_response(sqlstate, text))
@@ -182,7 +223,8 @@ class Session:
             await self.writer.drain()
             startup = await pgwire.read_startup(self.reader)
         if startup.code == pgwire.CANCEL_REQUEST:
-            return None  # cancels are handled by the server before a session exists
+            await self._forward_cancel(startup)
+            return None
         if startup.code != pgwire.SSL_REQUEST:
             # Before any password is asked for: a token must never cross in clear.
             await self._refuse(
@@ -194,6 +236,9 @@ class Session:
         await self.writer.drain()
         await self.writer.start_tls(self.hooks.tls)
         startup = await pgwire.read_startup(self.reader)
+        if startup.code == pgwire.CANCEL_REQUEST:  # newer clients cancel over TLS too
+            await self._forward_cancel(startup)
+            return None
         if startup.code != pgwire.PROTOCOL_3:
             await self._refuse(PROTOCOL_VIOLATION, "expected a start-up message")
             return None
@@ -235,7 +280,8 @@ class Session:
         hello = [pgwire.authentication(pgwire.AUTH_OK)]
         for name, value in upstream.parameters.items():
             hello.append(pgwire.message(b"S", name.encode() + b"\x00" + value.encode() + b"\x00"))
-        hello.append(pgwire.message(b"K", struct.pack("!ii", 0, 0)))
+        self._cancel_key = self.hooks.registry.cancel_key(connection, upstream.backend_key)
+        hello.append(pgwire.message(b"K", struct.pack("!ii", *self._cancel_key)))
         hello.append(pgwire.message(b"Z", upstream.transaction_status))
         self.writer.write(b"".join(hello))
         await self.writer.drain()
@@ -287,6 +333,7 @@ class Session:
         finally:
             timer.cancel()
             registry.remove(redeemed.grant_id, self)
+            registry.forget_cancel_key(self._cancel_key)
             with contextlib.suppress(Exception):
                 upstream.writer.close()
             await self._close()

@@ -70,10 +70,14 @@ def test_demo_walks_the_whole_path_and_leaves_nothing_running(tmp_path: Path) ->
     out = done.stdout
     for expected in (
         "ALLOWED  grant",
+        "FROM orders -> 7, 1571449",
+        "INSERT -> REFUSED 25006",
         "DENIED   NO_BINDING",
         "REJECTED UNAUTHENTICATED",
         "live grants now: []",
-        "checkpoints valid, 4/4 records valid",
+        "next query fails: 'jitgate: grant revoked'",
+        '"redemption": 1, "revocation": 1, "session_closed": 1',
+        "checkpoints valid, 6/6 records valid",
     ):
         assert expected in out, out
     assert _processes_mentioning(str(tmp_path)) == []
@@ -117,7 +121,7 @@ def test_up_serves_until_sigterm_then_stops_everything(tmp_path: Path) -> None:
                 break
         assert any("jitgate is up" in line for line in lines), "".join(lines)
         children = _children(up.pid)
-        assert len(children) == 6  # redis, the dev IdP and four services
+        assert len(children) == 8  # redis, postgres, the dev IdP, four services and the proxy
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=30) == 0
     finally:

@@ -20,7 +20,7 @@ from jitgate.devstack import pki
 from jitgate.devstack.redis_server import RedisServer
 from jitgate.proxy import config, pgwire
 from jitgate.proxy.grantcheck import Claims
-from jitgate.proxy.main import opener
+from jitgate.proxy.main import canceller, opener
 from jitgate.proxy.server import ProxyServer, agent_tls
 from jitgate.proxy.session import Hooks, Redeemed, Registry, Relay
 from tests.proxy.test_upstream import APP_DB, PrivateServer, make_role, scram_pg
@@ -94,6 +94,7 @@ async def rig(
         known=upstreams.__contains__,
         tls=agent_tls(str(files.cert), str(files.key)),
         registry=Registry(),
+        cancel=canceller(upstreams),
     )
     proxy = ProxyServer(hooks=hooks, redis_client=client)
     state.port = await proxy.start("127.0.0.1", 0)
@@ -223,3 +224,17 @@ async def test_the_upstream_password_reaches_no_client_byte_and_no_log(
     assert b"Z" in received  # the session really ran
     assert SECRET.encode() not in received
     assert SECRET not in caplog.text
+
+
+async def test_a_client_cancel_reaches_its_own_query_only(rig: Rig) -> None:
+    async with await _connect(rig) as conn:
+        started = time.monotonic()
+        sleeping = asyncio.create_task(conn.execute("SELECT pg_sleep(10)"))
+        await asyncio.sleep(0.3)
+        await conn.cancel_safe()  # libpq's cancel: a new connection carrying the proxy's key
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            await sleeping
+        assert time.monotonic() - started < 5
+        # The session goes on.
+        cursor = await conn.execute("SELECT 7")
+        assert await cursor.fetchone() == (7,)

