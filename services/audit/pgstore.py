@@ -17,6 +17,8 @@ from jitgate.audit.store import (
     StoredCheckpoint,
     StoreError,
     check_continues,
+    checkpoint_from_row,
+    record_from_row,
 )
 
 log = logging.getLogger(__name__)
@@ -151,11 +153,6 @@ def _log_state(conn: Connection, where: str) -> bool:
 
 def _blob(value: object) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
-
-
-def _checkpoint(row: Sequence[Any]) -> StoredCheckpoint:
-    size, root, time, note = row
-    return StoredCheckpoint(size=int(size), root=_blob(root), time=str(time), note=str(note))
 
 
 class PostgresStore:
@@ -366,17 +363,7 @@ class PostgresStore:
             )
         except psycopg.Error as exc:
             raise StoreError(f"cannot read {self.where}: {exc}") from exc
-        return [
-            StoredRecord(
-                index=int(idx),
-                time=str(time),
-                caller=str(caller),
-                kind=str(kind),
-                canonical=_blob(canonical),
-                record_hash=_blob(digest),
-            )
-            for idx, time, caller, kind, canonical, digest in rows
-        ]
+        return [record_from_row(row) for row in rows]
 
     def checkpoints(self, from_size: int, limit: int) -> list[StoredCheckpoint]:
         """Return up to limit checkpoints of size from_size or more, smallest first."""
@@ -390,7 +377,7 @@ class PostgresStore:
             )
         except psycopg.Error as exc:
             raise StoreError(f"cannot read the checkpoints of {self.where}: {exc}") from exc
-        return [_checkpoint(row) for row in rows]
+        return [checkpoint_from_row(row) for row in rows]
 
     def latest_checkpoint(self) -> StoredCheckpoint | None:
         """Return the checkpoint of the largest size, if there is one."""
@@ -398,7 +385,7 @@ class PostgresStore:
             row = self._connection().execute(_LATEST_CHECKPOINT).fetchone()
         except psycopg.Error as exc:
             raise StoreError(f"cannot read the checkpoints of {self.where}: {exc}") from exc
-        return None if row is None else _checkpoint(row)
+        return None if row is None else checkpoint_from_row(row)
 
     def close(self) -> None:
         """Close the connection."""

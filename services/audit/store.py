@@ -278,17 +278,7 @@ class SqliteStore:
             rows = self._db.execute(_SELECT, (max(from_index, 0), limit)).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read {self.path}: {exc}") from exc
-        return [
-            StoredRecord(
-                index=int(idx),
-                time=_text(time),
-                caller=_text(caller),
-                kind=_text(kind),
-                canonical=_blob(canonical),
-                record_hash=_blob(digest),
-            )
-            for idx, time, caller, kind, canonical, digest in rows
-        ]
+        return [record_from_row(row) for row in rows]
 
     def checkpoints(self, from_size: int, limit: int) -> list[StoredCheckpoint]:
         """Return up to limit checkpoints of size from_size or more, smallest first."""
@@ -298,7 +288,7 @@ class SqliteStore:
             rows = self._db.execute(_SELECT_CHECKPOINTS, (max(from_size, 0), limit)).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the checkpoints of {self.path}: {exc}") from exc
-        return [_checkpoint(row) for row in rows]
+        return [checkpoint_from_row(row) for row in rows]
 
     def latest_checkpoint(self) -> StoredCheckpoint | None:
         """Return the checkpoint of the largest size, if there is one."""
@@ -306,14 +296,31 @@ class SqliteStore:
             row = self._db.execute(_LATEST_CHECKPOINT).fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the checkpoints of {self.path}: {exc}") from exc
-        return None if row is None else _checkpoint(row)
+        return None if row is None else checkpoint_from_row(row)
 
     def close(self) -> None:
         """Close the connection; a writable store checkpoints its WAL first."""
         self._db.close()
 
 
-def _checkpoint(row: Sequence[object]) -> StoredCheckpoint:
+def record_from_row(row: Sequence[object]) -> StoredRecord:
+    """A records row (idx, time, caller, kind, canonical, hash) as a StoredRecord.
+
+    Every store selects these columns in this order; values of unexpected
+    types are kept comparable, so the chain check reports them.
+    """
+    idx, time, caller, kind, canonical, digest = row
+    return StoredRecord(
+        index=int(str(idx)),
+        time=_text(time),
+        caller=_text(caller),
+        kind=_text(kind),
+        canonical=_blob(canonical),
+        record_hash=_blob(digest),
+    )
+
+
+def checkpoint_from_row(row: Sequence[object]) -> StoredCheckpoint:
     size, root, time, note = row
     return StoredCheckpoint(
         size=int(str(size)), root=_blob(root), time=_text(time), note=_text(note)

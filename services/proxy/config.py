@@ -10,30 +10,20 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jitgate.common import validate
 from jitgate.common.errors import ConfigError, InvalidArgument
-
-TLS_MODES = ("disable", "require", "verify-full")
+from jitgate.proxy.upstream import TLS_MODES, Target
 
 
 @dataclass(frozen=True, kw_only=True)
-class Upstream:
-    """One connection's real server and the role the proxy logs in as."""
+class Upstream(Target):
+    """One connection's real server and role (an upstream Target), by name."""
 
     name: str
-    database: str
-    user: str
-    password: str = field(repr=False)
-    host: str = ""
-    port: int = 5432
-    socket_dir: str = ""
-    """A Unix socket directory instead of host (a server on this machine)."""
-    tls: str = "disable"
-    ca_file: str = ""
     read_only: bool = False
 
 
@@ -120,7 +110,7 @@ def _upstream(name: str, table: Any, base: Path) -> Upstream:
         port=port,
         socket_dir=socket_dir,
         tls=tls,
-        ca_file=_string(table, "ca_file", path, ""),
+        ca_file=_string(table, "ca_file", path, "") or None,
         read_only=read_only,
     )
 

@@ -91,20 +91,6 @@ class Core:
             )
 
 
-def target(conf: config.Upstream) -> upstream.Target:
-    """The upstream module's view of a configured connection."""
-    return upstream.Target(
-        host=conf.host,
-        port=conf.port,
-        socket_dir=conf.socket_dir,
-        database=conf.database,
-        user=conf.user,
-        password=conf.password,
-        tls=conf.tls,
-        ca_file=conf.ca_file or None,
-    )
-
-
 def canceller(
     upstreams: dict[str, config.Upstream],
 ) -> Callable[[str, tuple[int, int]], Awaitable[None]]:
@@ -112,7 +98,7 @@ def canceller(
 
     async def cancel(connection: str, key: tuple[int, int]) -> None:
         try:
-            await upstream.cancel(target(upstreams[connection]), *key)
+            await upstream.cancel(upstreams[connection], *key)
         except upstream.UpstreamError as exc:
             raise Unavailable(connection, str(exc)) from exc
 
@@ -128,7 +114,7 @@ def opener(
         conf = upstreams[connection]
         try:
             return await upstream.connect(
-                target(conf),
+                conf,
                 read_only=conf.read_only,
                 # Who is behind the session, for the server's own views and logs.
                 application_name=f"jitgate:{subject}"[:63],
