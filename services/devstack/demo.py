@@ -143,7 +143,13 @@ def _steps(stack: Stack, say: Say) -> None:
             say(f"      the open proxy session's next query fails: {ended}")
         finally:
             session.close()
+    # The proxy reports a session's end after closing it, through policy:
+    # give that record a moment to land before reading the log.
+    deadline = time.monotonic() + 3
     kinds = _audit_kinds(stack)
+    while "session_closed" not in kinds and time.monotonic() < deadline:
+        time.sleep(0.05)
+        kinds = _audit_kinds(stack)
     say(f"[8/8] the audit log, read as the auditor: {json.dumps(dict(sorted(kinds.items())))}")
 
 
