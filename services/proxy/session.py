@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import ssl
@@ -11,7 +12,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from jitgate.common.errors import (
     InvalidArgument,
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
 """From accept to a redeemed grant; a client that stalls longer is dropped."""
-CHUNK = 256 * 1024
 
 # SQLSTATEs (PostgreSQL docs, appendix "PostgreSQL Error Codes").
 INVALID_AUTHORIZATION = "28000"
@@ -157,6 +157,10 @@ class Registry:
             session.end("revoked")
         return len(live)
 
+    def sessions(self) -> list[Session]:
+        """Every live session."""
+        return [session for live in self._sessions.values() for session in live]
+
     def __len__(self) -> int:
         return sum(len(s) for s in self._sessions.values())
 
@@ -253,9 +257,12 @@ class Session:
             await self._refuse(PROTOCOL_VIOLATION, "expected the grant token as the password")
             return None
         token = pgwire.password(body)
+        marks = [time.perf_counter()]  # the handshake's phases, for the session's log line
         try:
             await self.hooks.check(token, connection)
+            marks.append(time.perf_counter())
             redeemed = await self.hooks.redeem(token, connection, self.session_id, client)
+            marks.append(time.perf_counter())
         except (Unauthenticated, InvalidArgument, NotFound):
             await self._refuse(INVALID_PASSWORD, "the grant token is not valid")
             log.info("session %s from %s: grant token rejected", self.session_id, client)
@@ -270,6 +277,7 @@ class Session:
             return None
         try:
             upstream = await self.hooks.open_upstream(connection, redeemed.subject)
+            marks.append(time.perf_counter())
         except JitgateError as exc:
             await self._refuse(CANNOT_CONNECT, f"cannot reach {connection}")
             log.warning("session %s: upstream %s failed: %s", self.session_id, connection, exc)
@@ -285,13 +293,18 @@ class Session:
         hello.append(pgwire.message(b"Z", upstream.transaction_status))
         self.writer.write(b"".join(hello))
         await self.writer.drain()
+        check_ms, redeem_ms, upstream_ms = ((b - a) * 1000 for a, b in itertools.pairwise(marks))
         log.info(
-            "session %s: %s on %s until %s (grant %s)",
+            "session %s: %s on %s until %s (grant %s; check %.1f ms, redeem %.1f ms,"
+            " upstream %.1f ms)",
             self.session_id,
             redeemed.subject,
             connection,
             time.strftime("%H:%M:%S", time.gmtime(redeemed.expires_at)),
             redeemed.grant_id,
+            check_ms,
+            redeem_ms,
+            upstream_ms,
         )
         return redeemed, upstream
 
@@ -302,40 +315,57 @@ class Session:
         left = max(0.0, redeemed.expires_at - self.hooks.clock())
         timer = loop.call_later(left, self.end, "expired")
         boundaries = pgwire.Boundaries()
+        client = cast(asyncio.Transport, self.writer.transport)
+        server = cast(asyncio.Transport, upstream.writer.transport)
+        closed: asyncio.Future[str] = loop.create_future()
 
-        async def to_upstream() -> None:
-            while chunk := await self.reader.read(CHUNK):
-                stats.bytes_from_client += len(chunk)
-                upstream.writer.write(chunk)
-                await upstream.writer.drain()
+        def to_server(data: bytes) -> None:
+            stats.bytes_from_client += len(data)
+            server.write(data)
 
-        async def to_client() -> None:
-            while chunk := await upstream.reader.read(CHUNK):
-                boundaries.feed(chunk)
-                stats.bytes_to_client += len(chunk)
-                self.writer.write(chunk)
-                await self.writer.drain()
+        def to_client(data: bytes) -> None:
+            boundaries.feed(data)
+            stats.bytes_to_client += len(data)
+            client.write(data)
 
-        pumps = [asyncio.create_task(to_upstream()), asyncio.create_task(to_client())]
-        ending = asyncio.create_task(self._ending.wait())
+        # From here each chunk goes straight from one transport to the other in
+        # the event loop's callback: no stream buffer, future or task switch per
+        # message (bench/proxy.py measured the streams version at ~25% fewer TPS).
+        # Bytes the streams already buffered go first.
+        for data, forward in (
+            (_buffered(self.reader), to_server),
+            (_buffered(upstream.reader), to_client),
+        ):
+            if data:
+                forward(data)
+        client.set_protocol(_Pipe(forward=to_server, peer=server, closed=closed, side="client"))
+        server.set_protocol(_Pipe(forward=to_client, peer=client, closed=closed, side="server"))
+        for transport in (client, server):
+            if not transport.is_reading():  # a stream paused it when its buffer filled
+                transport.resume_reading()
+        ending = asyncio.ensure_future(self._ending.wait())
+        waiters: set[asyncio.Future[Any]] = {closed, ending}
         try:
-            done, _ = await asyncio.wait([*pumps, ending], return_when=asyncio.FIRST_COMPLETED)
-            if ending in done:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if ending.done():
                 stats.reason = self._reason
-            elif pumps[1] in done:
-                stats.reason = "server_closed"
-            for task in [*pumps, ending]:
-                task.cancel()
-            await asyncio.gather(*pumps, ending, return_exceptions=True)
+            else:
+                stats.reason = "server_closed" if closed.result() == "server" else "client_closed"
             if stats.reason in ("expired", "revoked") and boundaries.at_boundary:
                 # Tell the agent why, between two messages, then close both sides.
-                await self._refuse(ADMIN_SHUTDOWN, f"jitgate: grant {stats.reason}")
+                with contextlib.suppress(Exception):
+                    client.write(
+                        pgwire.error_response(ADMIN_SHUTDOWN, f"jitgate: grant {stats.reason}")
+                    )
         finally:
+            ending.cancel()
             timer.cancel()
             registry.remove(redeemed.grant_id, self)
             registry.forget_cancel_key(self._cancel_key)
             with contextlib.suppress(Exception):
-                upstream.writer.close()
+                server.close()
+            with contextlib.suppress(Exception):
+                client.close()
             await self._close()
             log.info(
                 "session %s ended (%s): %d bytes in, %d out",
@@ -351,3 +381,68 @@ class Session:
         with contextlib.suppress(Exception):
             self.writer.close()
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+
+
+def _buffered(reader: asyncio.StreamReader) -> bytes:
+    """Take what a stream read from its transport but nobody has consumed yet.
+
+    StreamReader has no public way to drain its buffer without waiting; the
+    relay hands the transport to a plain protocol, and these bytes (a pipelined
+    query, a notice that followed ReadyForQuery) must not be lost on the way.
+    """
+    buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
+    data = bytes(buffer)
+    buffer.clear()
+    return data
+
+
+class _Pipe(asyncio.Protocol):
+    """One side of a relay: what its transport receives goes to the other side.
+
+    Flow control is the usual pairing: when this side's transport cannot take
+    more (its buffer is over the high-water mark), the peer stops reading, so a
+    slow agent slows the server down instead of filling the proxy's memory.
+    """
+
+    def __init__(
+        self,
+        *,
+        forward: Callable[[bytes], None],
+        peer: asyncio.Transport,
+        closed: asyncio.Future[str],
+        side: str,
+    ) -> None:
+        self._forward = forward
+        self._peer = peer
+        self._closed = closed
+        self._side = side
+
+    def data_received(self, data: bytes) -> None:
+        """Relay data to the peer."""
+        try:
+            self._forward(data)
+        except Exception:  # a write to a closing peer: end the relay
+            self._finish()
+
+    def eof_received(self) -> bool:
+        """The side closed its half: the session is over."""
+        self._finish()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The side is gone: the session is over."""
+        self._finish()
+
+    def pause_writing(self) -> None:
+        """This side is backed up: stop reading from the peer."""
+        with contextlib.suppress(Exception):
+            self._peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        """This side drained: read from the peer again."""
+        with contextlib.suppress(Exception):
+            self._peer.resume_reading()
+
+    def _finish(self) -> None:
+        if not self._closed.done():
+            self._closed.set_result(self._side)

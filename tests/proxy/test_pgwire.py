@@ -99,3 +99,13 @@ def test_boundaries_are_found_however_the_stream_is_cut(
         tracker.feed(chunk)
         seen += len(chunk)
         assert tracker.at_boundary is (seen in ends)
+
+
+def test_a_length_below_four_cannot_stall_the_walk() -> None:
+    # A malformed length (0, or negative) must not move the walk backwards or
+    # leave it in place: each such header is stepped over as an empty message.
+    tracker = pgwire.Boundaries()
+    tracker.feed(b"D\x00\x00\x00\x00" + b"D\xff\xff\xff\xf0" + b"Z\x00\x00")
+    assert not tracker.at_boundary
+    tracker.feed(b"\x00\x05I")
+    assert tracker.at_boundary

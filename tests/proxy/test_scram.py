@@ -233,3 +233,14 @@ def test_an_independent_server_accepts_the_proof_and_is_accepted(
     password: str, salt: bytes, iterations: int
 ) -> None:
     assert _server_answers(password, scram.ScramClient(password), salt, iterations)
+
+
+def test_the_salted_password_is_computed_once_per_salt() -> None:
+    # RFC 5802 section 5.1: a client may cache SaltedPassword; a new salt
+    # (a changed password) must miss the cache.
+    scram.salted_password.cache_clear()
+    first = scram.salted_password(b"pencil", b"salt-one", 4096)
+    assert scram.salted_password(b"pencil", b"salt-one", 4096) == first
+    assert scram.salted_password.cache_info().hits == 1
+    assert scram.salted_password(b"pencil", b"salt-two", 4096) != first
+    assert scram.salted_password.cache_info().misses == 2

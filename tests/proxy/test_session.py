@@ -238,3 +238,34 @@ async def test_a_client_cancel_reaches_its_own_query_only(rig: Rig) -> None:
         # The session goes on.
         cursor = await conn.execute("SELECT 7")
         assert await cursor.fetchone() == (7,)
+
+
+async def test_a_query_sent_with_the_password_is_not_lost(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    # _raw_session sends the password, a query and Terminate before reading
+    # AuthenticationOk: the query waits in the handshake's buffer and must
+    # reach the server when the relay takes the connection over.
+    received = await _raw_session(rig.port, caplog)
+    assert b"C\x00\x00\x00\rSELECT 1\x00" in received  # CommandComplete: it ran
+
+
+async def test_a_client_that_stops_reading_stops_the_server_not_the_proxys_memory(
+    rig: Rig,
+) -> None:
+    # 48 MB is more than the kernel's socket buffers on both hops can hold,
+    # so without flow control the proxy would buffer most of it.
+    rows, width = 48_000, 1000
+    async with await _connect(rig) as conn:
+        cursor = conn.cursor()
+        query = f"COPY (SELECT repeat('x', {width - 1}) FROM generate_series(1, {rows})) TO STDOUT"  # noqa: S608  # constants
+        async with cursor.copy(query) as copy:
+            first = await anext(aiter(copy))
+            [session] = rig.proxy.registry.sessions()
+            buffered = []
+            for _ in range(20):  # the agent reads nothing for a second
+                buffered.append(session.writer.transport.get_write_buffer_size())
+                await asyncio.sleep(0.05)
+            received = len(first) + sum([len(data) async for data in copy])
+    assert received == rows * width  # every byte, once, however slowly it was read
+    assert max(buffered) < 4 * 1024 * 1024, max(buffered)
