@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck unit protos up bench bench-grant-path bench-verifier bench-audit bench-audit-crash interop clean
+.PHONY: demo test check lint typecheck unit protos up bench bench-grant-path bench-verifier bench-audit bench-audit-crash bench-proxy interop clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,7 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 # Every benchmark; results go in bench/RESULTS.md.
-bench: bench-grant-path bench-verifier bench-audit
+bench: bench-grant-path bench-verifier bench-audit bench-proxy
 
 # Latency of the grant path next to a one-hop floor.
 bench-grant-path: $(STAMP)
@@ -50,6 +50,10 @@ bench-verifier: $(STAMP)
 # Durable audit appends/s with group commit beside one fsync per record; verifying 1M records.
 bench-audit: $(STAMP)
 	$(BIN)/python bench/audit.py
+
+# The PostgreSQL proxy beside a direct TLS connection (and PgBouncer, if installed).
+bench-proxy: $(STAMP)
+	$(BIN)/python bench/proxy.py
 
 # SIGKILL the audit process under load 100 times; fails if an acknowledged append is lost.
 bench-audit-crash: $(STAMP)

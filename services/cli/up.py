@@ -22,6 +22,12 @@ def register(verbs: Any) -> None:
     cmd.add_argument(
         "--random-ports", action="store_true", help="pick free ports instead of 7443-7449 and 6432"
     )
+    cmd.add_argument(
+        "--connections",
+        type=Path,
+        metavar="TOML",
+        help="the proxy's connections.toml, for real servers; without it a demo PostgreSQL starts",
+    )
     cmd.set_defaults(func=run)
 
 
@@ -38,7 +44,8 @@ def _usage(stack: Stack) -> str:
             f"  verifier  {stack.address('verifier')}   mTLS",
             f"  policy    {stack.address('policy')}   mTLS, policy {stack.policy_file}",
             f"  audit     {stack.address('audit')}   mTLS, log {stack.audit_db}",
-            f"  proxy     {stack.address('proxy')}   PostgreSQL over TLS, grant as password",
+            f"  proxy     {stack.address('proxy')}   PostgreSQL over TLS, grant as password;"
+            f" connections {stack.proxy_connections}",
             f"  dev IdP   {stack.oidc_issuer}",
             "try, in another shell:",
             f"  export JITGATE_ISSUER={stack.address('issuer')} JITGATE_CA={stack.pki.ca}",
@@ -54,7 +61,12 @@ def _usage(stack: Stack) -> str:
 def run(args: argparse.Namespace) -> int:
     """Start the stack, print how to use it, stop it on a signal or when a part dies."""
     ports = None if args.random_ports else DEFAULT_PORTS
-    stack = Stack(args.state_dir, ports=ports, redis_url=os.environ.get("REDIS_URL"))
+    stack = Stack(
+        args.state_dir,
+        ports=ports,
+        redis_url=os.environ.get("REDIS_URL"),
+        upstreams=args.connections,
+    )
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())

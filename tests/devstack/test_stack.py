@@ -42,3 +42,17 @@ def test_another_issuer_without_a_bundle_uses_the_system_cas(
     monkeypatch.setenv("JITGATE_OIDC_CA_BUNDLE", "/somewhere/else.pem")
     env = Stack(tmp_path, oidc_issuer="https://idp.example")._env("verifier")
     assert "JITGATE_OIDC_CA_BUNDLE" not in env
+
+
+def test_given_connections_replace_the_demo_postgres(tmp_path: Path) -> None:
+    given = tmp_path / "connections.toml"
+    stack = Stack(tmp_path / "state", upstreams=given)
+    assert stack.proxy_connections == given.resolve()  # what JITGATE_PROXY_CONNECTIONS names
+    stack._start_postgres()
+    assert stack.postgres is None  # nothing started, nothing written over the given file
+    assert not given.exists()
+
+
+def test_without_connections_the_proxy_serves_the_demo_postgres(tmp_path: Path) -> None:
+    stack = Stack(tmp_path)
+    assert stack.proxy_connections == tmp_path.resolve() / "proxy" / "connections.toml"

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import glob
 import hashlib
 import hmac
 import logging
 import secrets
-import shutil
 import socket
 import ssl
 import struct
-import subprocess
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -35,7 +32,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from jitgate.devstack import pki
-from jitgate.devstack.postgres_server import PrivateServer, embedded_bin
+from jitgate.devstack.postgres_server import PrivateServer, embedded_bin, openssl_bin
 from jitgate.proxy import upstream
 from jitgate.proxy.upstream import Target, Upstream
 
@@ -152,28 +149,10 @@ def scram_pg() -> Iterator[PrivateServer]:
         server.stop()
 
 
-def _tls_bin() -> Path | None:
-    """A PostgreSQL built with OpenSSL on this machine, if there is one."""
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-    found = shutil.which("postgres")
-    if found:
-        candidates.append(str(Path(found).resolve().parent))
-    for directory in candidates:
-        config = Path(directory) / "pg_config"
-        if not (Path(directory) / "postgres").exists() or not config.exists():
-            continue
-        configure = subprocess.run(
-            [str(config), "--configure"], capture_output=True, text=True, check=False
-        ).stdout
-        if "--with-openssl" in configure or "--with-ssl=openssl" in configure:
-            return Path(directory)
-    return None
-
-
 @pytest.fixture(scope="module")
 def tls_pg(dev_pki: pki.DevPki) -> Iterator[PrivateServer]:
     """A PostgreSQL with ssl=on and the dev PKI's "idp" certificate (localhost, 127.0.0.1)."""
-    bin_dir = _tls_bin()
+    bin_dir = openssl_bin()
     if bin_dir is None:
         pytest.skip("no PostgreSQL built with OpenSSL here (Debian's postgresql package has one)")
     files = dev_pki.files("idp")
