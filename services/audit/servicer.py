@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -12,12 +13,20 @@ from google.protobuf import json_format
 from jitgate.audit.record import StoredRecord, parse, parse_time
 from jitgate.audit.store import Store, StoredCheckpoint, StoreError
 from jitgate.audit.writer import Writer
+from jitgate.common import telemetry
 from jitgate.common.errors import InvalidArgument, PermissionDenied, Unavailable
 from jitgate.common.identity import DEFAULT_TRUST_DOMAIN, spiffe_id
 from jitgate.common.rpc import caller
 from jitgate.v1 import audit_pb2, audit_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+APPENDS = telemetry.meter().create_counter(
+    "jitgate.audit.appends", unit="{record}", description="Appends, by event kind and outcome"
+)
+APPEND_MS = telemetry.meter().create_histogram(
+    "jitgate.audit.append.duration", unit="ms", description="Append to durable receipt"
+)
 T = TypeVar("T", StoredRecord, StoredCheckpoint)
 
 _HASH_READERS = frozenset({"auditor", "verifier", "policy"})
@@ -121,11 +130,17 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
         # The caller is the certificate's SPIFFE ID, never anything in the request.
         workload = caller.get()
         allowed_kind(workload, event_kind(request.event))
+        kind = event_kind(request.event)
         body = event_to_dict(request.event)
+        started = time.perf_counter()
         try:
             receipt = await self._writer.append(spiffe_id(workload, self._trust_domain), body)
         except StoreError as exc:
+            APPENDS.add(1, {"jitgate.event": kind, "jitgate.outcome": "failed"})
             raise Unavailable("audit store", str(exc)) from exc
+        APPEND_MS.record((time.perf_counter() - started) * 1000, {"jitgate.event": kind})
+        APPENDS.add(1, {"jitgate.event": kind, "jitgate.outcome": "durable"})
+        telemetry.annotate(event=kind, audit_index=receipt.index)
         return audit_pb2.AppendResponse(
             index=receipt.index,
             record_hash=receipt.record_hash,

@@ -21,9 +21,14 @@ from jitgate.audit.checkpoint import Checkpoint, NoteSigner
 from jitgate.audit.merkle import Tree, leaf_hash
 from jitgate.audit.record import StoredRecord, format_time, seal
 from jitgate.audit.store import Store, StoredCheckpoint, StoreError, iter_records
+from jitgate.common import telemetry
 from jitgate.common.clock import Clock, system_clock
 
 log = logging.getLogger(__name__)
+
+BATCH_SIZE = telemetry.meter().create_histogram(
+    "jitgate.audit.batch.size", unit="{record}", description="Records committed per transaction"
+)
 
 MAX_QUEUE = 10_000
 MAX_BATCH = 1_000
@@ -266,6 +271,7 @@ class Writer:
             return
         self._latest = checkpoint
         self.transactions += 1
+        BATCH_SIZE.record(len(records))
         self._reply_all(
             [
                 (

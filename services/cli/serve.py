@@ -8,7 +8,7 @@ import importlib
 import importlib.util
 from typing import Any
 
-from jitgate.common import logs
+from jitgate.common import logs, telemetry
 from jitgate.common.config import Env
 from jitgate.common.errors import ConfigError
 
@@ -32,14 +32,18 @@ def run(args: argparse.Namespace) -> int:
         json_lines=env.string("JITGATE_LOG_FORMAT", "text") == "json",
     )
     module = importlib.import_module(f"jitgate.{args.service}.main")
-    if args.service == "proxy" and event_loop(env) == "uvloop":
-        # The proxy relays every byte on its event loop; uvloop's TLS and socket
-        # I/O in C carried about a third more pgbench TPS (bench/RESULTS.md).
-        import uvloop
+    flush = telemetry.setup(args.service)
+    try:
+        if args.service == "proxy" and event_loop(env) == "uvloop":
+            # The proxy relays every byte on its event loop; uvloop's TLS and socket
+            # I/O in C carried about a third more pgbench TPS (bench/RESULTS.md).
+            import uvloop
 
-        uvloop.run(module.serve(env))
-    else:
-        asyncio.run(module.serve(env))
+            uvloop.run(module.serve(env))
+        else:
+            asyncio.run(module.serve(env))
+    finally:
+        flush()
     return 0
 
 

@@ -8,6 +8,8 @@ import logging
 import sys
 import time
 
+from opentelemetry import trace
+
 
 def fingerprint(secret: str | bytes) -> str:
     """Return the SHA-256 of a secret, hex: the only form in which one is logged."""
@@ -32,6 +34,11 @@ class JsonLines(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        # The trace this line belongs to, so a log search and a trace find each other.
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            out["trace_id"] = format(context.trace_id, "032x")
+            out["span_id"] = format(context.span_id, "016x")
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)

@@ -7,14 +7,19 @@ INVALID_ARGUMENT, and maps every JitgateError to its status in one place.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.context import Context as TraceContext
 
+from jitgate.common import telemetry
 from jitgate.common.errors import JitgateError, Unauthenticated, Unavailable
 from jitgate.common.identity import DEFAULT_TRUST_DOMAIN, peer_workload
 from jitgate.common.status import to_status
@@ -25,6 +30,12 @@ caller: contextvars.ContextVar[str] = contextvars.ContextVar("jitgate_caller", d
 """The workload name of the current RPC's mTLS peer, set by ServiceGuard."""
 
 HEALTH_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+REFLECTION_METHODS = frozenset(
+    {
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    }
+)
 ANY_WORKLOAD = "*"
 """An allow-list entry that admits any certificate our CA issued."""
 
@@ -69,6 +80,33 @@ def _log_error(method: str, who: str, exc: JitgateError) -> None:
         log.info("%s from %s: %s %s", method, who, type(exc).__name__, exc)
 
 
+# OpenTelemetry's RPC conventions: the codes that are a server's own failure.
+SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+_DURATION = telemetry.meter().create_histogram(
+    "rpc.server.duration", unit="ms", description="Time to serve an RPC, by method and status"
+)
+
+
+def _status_code(context: Context) -> grpc.StatusCode:
+    """The status the RPC ended with (OK unless the handler or the guard set another)."""
+    try:
+        code = context.code()
+    except Exception:  # an aio context without code() (older grpcio): unknown is OK
+        return grpc.StatusCode.OK
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return grpc.StatusCode.OK if code is None else grpc.StatusCode.UNKNOWN
+
+
 if TYPE_CHECKING:
     _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:
@@ -105,6 +143,10 @@ class ServiceGuard(_Interceptor):
         if handler is None:
             return None
         method: str = handler_call_details.method
+        if method in REFLECTION_METHODS and self._acl is None:
+            # Reflection describes the public API and nothing else; it is the one
+            # streaming RPC served, and only where any client may call anyway.
+            return handler
         return self._wrap(method, handler)
 
     async def _admit(self, method: str, context: Context, request: Any) -> str:
@@ -144,25 +186,65 @@ class ServiceGuard(_Interceptor):
 
         return refuse
 
+    @contextlib.contextmanager
+    def _observed(self, method: str, context: Context) -> Iterator[None]:
+        """A SERVER span and a duration sample for one RPC, with its status code."""
+        service, _, name = method.lstrip("/").partition("/")
+        remote = telemetry.extract(context.invocation_metadata())
+        if self._acl is not None:
+            # mTLS callers are our own workloads: their span is this one's parent,
+            # which is what makes one grant one trace.
+            parent, links = remote, []
+        else:
+            # An agent's trace context must not shape ours (it could splice our
+            # spans into someone else's trace): a new trace, linked to theirs.
+            remote_span = trace.get_current_span(remote).get_span_context()
+            parent, links = (
+                TraceContext(),
+                [trace.Link(remote_span)] if remote_span.is_valid else [],
+            )
+        started = time.perf_counter()
+        with telemetry.tracer().start_as_current_span(
+            method.lstrip("/"),
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            links=links,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                yield
+            finally:
+                code = _status_code(context)
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                if code in SERVER_ERRORS:
+                    span.set_status(trace.StatusCode.ERROR, code.name)
+                _DURATION.record(
+                    (time.perf_counter() - started) * 1000,
+                    {"rpc.method": method.lstrip("/"), "rpc.grpc.status_code": code.value[0]},
+                )
+
     def _unary(
         self, method: str, behaviour: Callable[[Any, Context], Awaitable[Any]]
     ) -> Callable[[Any, Context], Awaitable[Any]]:
         async def guarded(request: Any, context: Context) -> Any:
-            who = await self._admit(method, context, request)
-            token = caller.set(who)
-            try:
-                return await behaviour(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except JitgateError as exc:
-                _log_error(method, who, exc)
-                await context.abort_with_status(to_status(exc))
-            except Exception:
-                # A bug, never bad input: bad input raises a JitgateError above.
-                log.exception("%s from %s: unexpected error", method, who)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-            finally:
-                caller.reset(token)
+            with self._observed(method, context):
+                who = await self._admit(method, context, request)
+                token = caller.set(who)
+                try:
+                    return await behaviour(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except JitgateError as exc:
+                    _log_error(method, who, exc)
+                    await context.abort_with_status(to_status(exc))
+                except Exception:
+                    # A bug, never bad input: bad input raises a JitgateError above.
+                    log.exception("%s from %s: unexpected error", method, who)
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                finally:
+                    caller.reset(token)
 
         return guarded
 
@@ -170,23 +252,24 @@ class ServiceGuard(_Interceptor):
         self, method: str, behaviour: Callable[[Any, Context], Any]
     ) -> Callable[[Any, Context], AsyncIterator[Any]]:
         async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
-            who = await self._admit(method, context, request)
-            # gRPC runs each RPC in its own task, so this value ends with it.
-            caller.set(who)
-            try:
-                produced = behaviour(request, context)
-                if inspect.isasyncgen(produced):
-                    async for item in produced:
-                        yield item
-                else:
-                    await produced
-            except grpc.aio.AbortError:
-                raise
-            except JitgateError as exc:
-                _log_error(method, who, exc)
-                await context.abort_with_status(to_status(exc))
-            except Exception:
-                log.exception("%s from %s: unexpected error", method, who)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            with self._observed(method, context):
+                who = await self._admit(method, context, request)
+                # gRPC runs each RPC in its own task, so this value ends with it.
+                caller.set(who)
+                try:
+                    produced = behaviour(request, context)
+                    if inspect.isasyncgen(produced):
+                        async for item in produced:
+                            yield item
+                    else:
+                        await produced
+                except grpc.aio.AbortError:
+                    raise
+                except JitgateError as exc:
+                    _log_error(method, who, exc)
+                    await context.abort_with_status(to_status(exc))
+                except Exception:
+                    log.exception("%s from %s: unexpected error", method, who)
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
         return guarded

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from jitgate.common.errors import ConfigError
+from jitgate.common.tracing import ClientTracing
 
 # Reconnect quickly once a dependency is back (the default backoff grows to
 # two minutes), and notice a silent peer through keepalives; calls themselves
@@ -84,4 +85,5 @@ def secure_channel(
         target,
         credentials,
         options=(*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", server_name), *options),
+        interceptors=[ClientTracing(server_name)],  # type: ignore[list-item]  # partial stubs
     )

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 
+import grpc
+from grpc_health.v1 import health
+from grpc_reflection.v1alpha import reflection
+
 from jitgate.common import redisconn, tls
 from jitgate.common.clock import system_clock
 from jitgate.common.config import Env
 from jitgate.common.server import Service
 from jitgate.issuer.servicer import IssuerServicer, IssuerSettings
 from jitgate.issuer.store import GrantStore
-from jitgate.v1 import issuer_pb2_grpc, policy_pb2_grpc, verifier_pb2_grpc
+from jitgate.v1 import issuer_pb2, issuer_pb2_grpc, policy_pb2_grpc, verifier_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +55,19 @@ async def serve(env: Env) -> None:
         # agent port is TLS with server authentication only.
         credentials=tls.server_credentials(files, require_client_auth=False),
         acl=None,
-        register=lambda server: issuer_pb2_grpc.add_IssuerServicer_to_server(servicer, server),
-        service_names=["jitgate.v1.Issuer"],
+        register=lambda server: _register(servicer, server),
+        service_names=[ISSUER],
         cleanup=[close],
     )
     await service.run_until_signalled()
+
+
+ISSUER = issuer_pb2.DESCRIPTOR.services_by_name["Issuer"].full_name
+
+
+def _register(servicer: IssuerServicer, server: grpc.aio.Server) -> None:
+    """The agent API, and server reflection so grpcurl and IDEs can discover it."""
+    issuer_pb2_grpc.add_IssuerServicer_to_server(servicer, server)
+    reflection.enable_server_reflection(
+        (ISSUER, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from jitgate.common import validate, wire
+from jitgate.common import telemetry, validate, wire
 from jitgate.common.clock import Clock
 from jitgate.common.errors import (
     JitgateError,
@@ -185,6 +185,7 @@ class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
         # No grant exists until it is live in Redis: if this fails the agent
         # gets UNAVAILABLE and the signed token is never handed out.
         await self._store.put(record, within=budget.left("redis"))
+        telemetry.annotate(grant_id=record.grant_id, connection=connection)
         log.info(
             "grant %s: %s on %s until %.0f", record.grant_id, subject, connection, record.expires_at
         )

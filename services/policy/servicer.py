@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from jitgate.audit.client import AuditClient
-from jitgate.common import assertion, grants, validate, wire
+from jitgate.common import assertion, grants, telemetry, validate, wire
 from jitgate.common.clock import Clock
 from jitgate.common.errors import (
     InvalidArgument,
@@ -32,6 +32,13 @@ from jitgate.policy.model import Policy
 from jitgate.v1 import audit_pb2, policy_pb2, policy_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
+
+ISSUED = telemetry.meter().create_counter(
+    "jitgate.grants.issued", unit="{grant}", description="Grants signed, by connection"
+)
+DENIED = telemetry.meter().create_counter(
+    "jitgate.grants.denied", unit="{request}", description="Grant requests denied, by reason code"
+)
 
 ACL = {
     "/jitgate.v1.Policy/Decide": frozenset({"issuer"}),
@@ -246,6 +253,18 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             receipt.index,
             receipt.checkpoint_size,
         )
+        outcome = "allow" if grant is not None else "deny"
+        telemetry.annotate(
+            connection=connection,
+            decision=outcome,
+            reason_code=decision.reason_code,
+            grant_id=grant_id,
+            audit_index=receipt.index,
+        )
+        if grant is None:
+            DENIED.add(1, {"jitgate.reason_code": decision.reason_code})
+        else:
+            ISSUED.add(1, {"jitgate.connection": connection})
         if not decision.allowed or decision.connection is None or grant is None:
             raise PermissionDenied(
                 decision.reason_code,
@@ -391,6 +410,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         try:
             record = await self._redeemable(token, connection, self._clock())
         except _Refused as refused:
+            telemetry.annotate(connection=connection, refusal=refused.reason)
             # Refusals go to this service's log only: audit has no event kind for them.
             log.warning(
                 "session %s on %s from %s refused: %s (%s)",
@@ -415,6 +435,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         # and Unavailable tells the proxy exactly that.
         receipt = await self._audit.append(
             audit_pb2.AuditEvent(redemption=event), timeout=self._deadline(context)
+        )
+        telemetry.annotate(
+            grant_id=record.grant_id,
+            connection=connection,
+            session_id=session_id,
+            audit_index=receipt.index,
         )
         log.info(
             "grant %s of %s redeemed for session %s on %s (audit index %d)",

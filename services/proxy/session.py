@@ -14,6 +14,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
+from opentelemetry import trace
+
+from jitgate.common import telemetry
 from jitgate.common.errors import (
     InvalidArgument,
     JitgateError,
@@ -26,6 +29,16 @@ from jitgate.proxy import pgwire
 from jitgate.proxy.grantcheck import Claims
 
 log = logging.getLogger(__name__)
+
+LIVE = telemetry.meter().create_up_down_counter(
+    "jitgate.proxy.sessions.live", unit="{session}", description="Sessions being relayed"
+)
+SESSIONS = telemetry.meter().create_counter(
+    "jitgate.proxy.sessions", unit="{session}", description="Relayed sessions ended, by reason"
+)
+BYTES = telemetry.meter().create_counter(
+    "jitgate.proxy.bytes", unit="By", description="Bytes relayed, by direction"
+)
 
 HANDSHAKE_TIMEOUT = 10.0
 """From accept to a redeemed grant; a client that stalls longer is dropped."""
@@ -185,6 +198,15 @@ class Session:
 
     async def run(self) -> None:
         """Serve the client until it leaves or its grant ends; never raises."""
+        # One span per agent connection; the redemption's RPC is its child.
+        with telemetry.tracer().start_as_current_span(
+            "proxy session",
+            kind=trace.SpanKind.SERVER,
+            attributes={"db.system": "postgresql", "jitgate.session_id": self.session_id},
+        ):
+            await self._run()
+
+    async def _run(self) -> None:
         peer = self.writer.get_extra_info("peername")
         client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
         try:
@@ -284,6 +306,7 @@ class Session:
             failed = Relay(opened_at=self.hooks.clock(), reason="error")
             await self.hooks.report(redeemed, self.session_id, failed)
             return None
+        telemetry.annotate(grant_id=redeemed.grant_id, connection=connection)
         # The client sees the server's parameters and our own cancel key.
         hello = [pgwire.authentication(pgwire.AUTH_OK)]
         for name, value in upstream.parameters.items():
@@ -312,6 +335,7 @@ class Session:
         registry, loop = self.hooks.registry, asyncio.get_running_loop()
         stats = Relay(opened_at=self.hooks.clock())
         registry.add(redeemed.grant_id, self)
+        LIVE.add(1)
         left = max(0.0, redeemed.expires_at - self.hooks.clock())
         timer = loop.call_later(left, self.end, "expired")
         boundaries = pgwire.Boundaries()
@@ -358,6 +382,15 @@ class Session:
                         pgwire.error_response(ADMIN_SHUTDOWN, f"jitgate: grant {stats.reason}")
                     )
         finally:
+            LIVE.add(-1)
+            SESSIONS.add(1, {"jitgate.end_reason": stats.reason})
+            BYTES.add(stats.bytes_from_client, {"jitgate.direction": "from_client"})
+            BYTES.add(stats.bytes_to_client, {"jitgate.direction": "to_client"})
+            telemetry.annotate(
+                end_reason=stats.reason,
+                bytes_from_client=stats.bytes_from_client,
+                bytes_to_client=stats.bytes_to_client,
+            )
             ending.cancel()
             timer.cancel()
             registry.remove(redeemed.grant_id, self)

@@ -28,6 +28,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from jitgate.common import telemetry
 from jitgate.common.clock import Clock
 from jitgate.common.errors import ConfigError, Unavailable
 from jitgate.common.validate import printable
@@ -41,6 +42,10 @@ from jitgate.verifier.tokens import (
 )
 
 log = logging.getLogger(__name__)
+
+REFRESHES = telemetry.meter().create_counter(
+    "jitgate.jwks.refreshes", unit="{fetch}", description="JWKS refreshes, by outcome"
+)
 
 MAX_DOCUMENT_BYTES = 256 * 1024
 """Discovery documents and key sets are a few kilobytes."""
@@ -504,6 +509,7 @@ class JwksCache:
                 len(self._keys),
                 self._last_error,
             )
+            REFRESHES.add(1, {"jitgate.outcome": "failed"})
             return False
         self._metadata = metadata
         if not self._last_ok or keys.keys() != self._keys.keys():
@@ -512,4 +518,5 @@ class JwksCache:
         self._fetched_at = self._clock()
         self._lifetime = self._policy.lifetime(fetched.max_age)
         self._last_ok = True
+        REFRESHES.add(1, {"jitgate.outcome": "ok"})
         return True

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 
 from jitgate.audit.client import AuditClient
-from jitgate.common import assertion, wire
+from jitgate.common import assertion, telemetry, wire
 from jitgate.common.clock import Clock, system_clock
 from jitgate.common.errors import Unauthenticated, Unavailable
 from jitgate.common.jws import Signer
@@ -16,6 +16,10 @@ from jitgate.v1 import audit_pb2, verifier_pb2, verifier_pb2_grpc
 from jitgate.verifier.tokens import AccessTokenVerifier, peek
 
 log = logging.getLogger(__name__)
+
+VERIFICATIONS = telemetry.meter().create_counter(
+    "jitgate.tokens.verified", unit="{token}", description="Tokens checked, by outcome and reason"
+)
 
 ACL = {"/jitgate.v1.Verifier/Verify": frozenset({"issuer"})}
 """Only the issuer asks the verifier anything."""
@@ -52,8 +56,12 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         try:
             identity = await self._tokens.authenticate(request.token, now)
         except Unauthenticated as exc:
+            telemetry.annotate(token_rejected=exc.check)
+            VERIFICATIONS.add(1, {"jitgate.outcome": "rejected", "jitgate.reason_code": exc.check})
             await self._record_rejection(request, exc)
             raise
+        telemetry.annotate(subject=identity.subject)
+        VERIFICATIONS.add(1, {"jitgate.outcome": "verified"})
         # A callable signer follows its key file, so each assertion is signed
         # by the key in force now (keyfiles.WatchedFile).
         signer = self._signer if isinstance(self._signer, Signer) else self._signer()

@@ -11,6 +11,9 @@ import time
 import grpc
 import pytest
 import redis
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 
 from jitgate import client as sdk
 from jitgate.audit.chain import verify_database
@@ -253,3 +256,16 @@ def test_only_the_operator_certificate_may_revoke_in_bulk(stack: Stack) -> None:
         timeout=30,
     )
     assert done.returncode == 3, done.stderr
+
+
+def test_the_issuer_serves_reflection_for_grpcurl(stack: Stack) -> None:
+    channel = grpc.secure_channel(
+        stack.address("issuer"), grpc.ssl_channel_credentials(stack.pki.ca.read_bytes())
+    )
+    try:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert "jitgate.v1.Issuer" in set(database.get_services())
+        issuer = database.FindFileContainingSymbol("jitgate.v1.Issuer")
+        assert "RequestGrant" in str(issuer)
+    finally:
+        channel.close()
