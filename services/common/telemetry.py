@@ -27,6 +27,7 @@ PROPAGATOR = TraceContextTextMapPropagator()
 """W3C trace context only: baggage from a caller is not carried along."""
 
 _SIGNALS = ("TRACES", "METRICS")
+_exporting: set[str] = set()
 
 
 def _endpoint(environ: Mapping[str, str], signal: str) -> str | None:
@@ -78,6 +79,7 @@ def setup(service: str, environ: Mapping[str, str] | None = None) -> Callable[[]
         meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
         metrics.set_meter_provider(meter_provider)
         stops.append(meter_provider.shutdown)
+        _exporting.add("METRICS")
     log.info(
         "OpenTelemetry: traces to %s, metrics to %s",
         endpoints["TRACES"] or "nowhere",
@@ -90,6 +92,11 @@ def setup(service: str, environ: Mapping[str, str] | None = None) -> Callable[[]
                 stop()
 
     return shutdown
+
+
+def exporting_metrics() -> bool:
+    """Whether setup installed a metrics exporter (so gauges that cost a query should run)."""
+    return "METRICS" in _exporting
 
 
 def tracer() -> trace.Tracer:

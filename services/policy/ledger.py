@@ -130,7 +130,7 @@ class Ledger:
             raise Unavailable("redis", str(exc)) from exc
 
     async def live(self, *, subject: str = "", connection: str = "", now: float) -> list[str]:
-        """Return the ids of grants signed for subject (or connection) that have not expired."""
+        """Return the ids of grants signed for subject (or connection), not expired or revoked."""
         key = subject_index_key(subject) if subject else connection_index_key(connection)
         try:
             ids = await self._redis.zrangebyscore(key, f"({_ms(now)}", "+inf")
@@ -177,6 +177,10 @@ class Ledger:
                 pipe.delete(grant_key(record.grant_id))
                 pipe.zrem(agent_index_key(record.subject), record.grant_id)
                 pipe.zrem(slots_key(record.subject, record.connection), record.grant_id)
+                # Out of the live indexes: a bulk revocation or the live-grants
+                # count must not see it again. The issued record stays for Redeem.
+                pipe.zrem(subject_index_key(record.subject), record.grant_id)
+                pipe.zrem(connection_index_key(record.connection), record.grant_id)
                 pipe.publish(REVOCATION_CHANNEL, record.grant_id)
                 await pipe.execute()
         except RedisError as exc:

@@ -10,13 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jitgate.audit.client import AuditClient
-from jitgate.common import assertion, grants, keyfiles, keys, redisconn, tls
+from jitgate.common import assertion, grants, keyfiles, keys, redisconn, telemetry, tls
 from jitgate.common.clock import system_clock
 from jitgate.common.config import Env
 from jitgate.common.errors import ConfigError
 from jitgate.common.identity import DEFAULT_TRUST_DOMAIN, spiffe_id
 from jitgate.common.server import Service
 from jitgate.policy import model
+from jitgate.policy.gauges import LiveGrants
 from jitgate.policy.holder import PolicyHolder
 from jitgate.policy.keyring import GrantKeys, RotatingKeys, SingleKey
 from jitgate.policy.ledger import Ledger
@@ -94,10 +95,16 @@ async def serve(env: Env) -> None:
         trust_domain=trust_domain,
     )
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, holder.poke)
-    watcher = asyncio.create_task(holder.run(), name="policy-reload")
+    tasks = [asyncio.create_task(holder.run(), name="policy-reload")]
+    if telemetry.exporting_metrics():
+        # Counting costs Redis reads, so only when a gauge is exported at all.
+        gauge = LiveGrants(ledger, lambda: holder.current().connections, system_clock)
+        tasks.append(asyncio.create_task(gauge.run(), name="live-grants"))
     try:
         await service.run_until_signalled()
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

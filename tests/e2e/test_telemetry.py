@@ -330,6 +330,7 @@ def test_metrics_reach_the_collector(traced: tuple[Stack, Receiver]) -> None:
     _stack, collected = traced
     wanted = {
         "jitgate.grants.issued": "jitgate-policy",
+        "jitgate.grants.live": "jitgate-policy",
         "jitgate.tokens.verified": "jitgate-verifier",
         "jitgate.audit.appends": "jitgate-audit",
         "jitgate.audit.append.duration": "jitgate-audit",
