@@ -129,18 +129,30 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """redis-server on loopback, no persistence, users from an ACL file."""
+    """redis-server on loopback (or host), no persistence, users from an ACL file."""
 
-    def __init__(self, *, workdir: Path, port: int, binary: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        port: int,
+        binary: Path | None = None,
+        host: str = "127.0.0.1",
+        bind: str | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = port
+        # Clients connect to host (it is in the URLs); the server may bind more, e.g. 0.0.0.0.
+        self.host = host
+        self.bind = bind if bind is not None else host
         self.binary = binary or find_binary()
         self.passwords = {user: secrets.token_urlsafe(24) for user in ACL_RULES}
         self.process: subprocess.Popen[bytes] | None = None
 
     def url(self, user: str) -> str:
         """The redis:// URL for one ACL user."""
-        return f"redis://{username(user)}:{self.passwords[user]}@127.0.0.1:{self.port}/0"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{username(user)}:{self.passwords[user]}@{host}:{self.port}/0"
 
     def _write_acl(self) -> Path:
         path = self.workdir / "users.acl"
@@ -164,7 +176,7 @@ class RedisServer:
                     "--port",
                     str(self.port),
                     "--bind",
-                    "127.0.0.1",
+                    self.bind,
                     "--save",
                     "",
                     "--appendonly",

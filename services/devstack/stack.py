@@ -1,4 +1,9 @@
-"""The whole jitgate stack as separate OS processes on loopback, for `up`, `demo` and tests."""
+"""The whole jitgate stack as separate OS processes on loopback, for `up`, `demo` and tests.
+
+By default every process runs beside the launcher on 127.0.0.1. A Placement
+moves one elsewhere: another listening address, and an argv prefix that runs
+it there (e.g. `ip netns exec <ns>`, to put each zone in a network namespace).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -42,6 +48,36 @@ DEFAULT_PORTS: Mapping[str, int] = {
 PROXIED_CONNECTION = "orders-replica"
 """The example policy's connection the proxy serves, from the demo PostgreSQL."""
 EXAMPLES = Path(__file__).parent / "examples"
+PLACEABLE = ("issuer", "verifier", "policy", "audit", "proxy", "idp", "redis")
+"""The processes a Placement can move; Redis only to another address (no prefix)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Placement:
+    """Where one process runs: the host others reach it at, the host it binds, its argv prefix."""
+
+    host: str = "127.0.0.1"
+    listen: str | None = None
+    """The address it binds (e.g. 0.0.0.0, to be reached on several links); None: host."""
+    prefix: Sequence[str] = ()
+    """Put before its argv, e.g. ("ip", "netns", "exec", "edge").
+
+    The prefix must exec the process rather than fork it: the stack stops the
+    process it spawned, and a jitgate child exits when that one's parent does.
+    """
+
+    @property
+    def bind(self) -> str:
+        """The address the process listens on."""
+        return self.listen if self.listen is not None else self.host
+
+
+LOOPBACK = Placement()
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Stack:
@@ -52,6 +88,8 @@ class Stack:
     the dev IdP is not started: for trying jitgate against another OIDC provider.
     With upstreams set (a connections.toml), the proxy serves those real
     servers and no demo PostgreSQL is started.
+    With placements set, the named processes run where their Placement says;
+    the others on loopback beside the launcher, which must reach them all.
     """
 
     def __init__(
@@ -65,6 +103,7 @@ class Stack:
         oidc_audience: str | None = None,
         oidc_ca_bundle: Path | None = None,
         upstreams: Path | None = None,
+        placements: Mapping[str, Placement] | None = None,
     ) -> None:
         self.state = state_dir.resolve()
         self.ports = dict(ports) if ports is not None else {n: free_port() for n in DEFAULT_PORTS}
@@ -74,6 +113,12 @@ class Stack:
         self.oidc_audience = oidc_audience
         self.oidc_ca_bundle = oidc_ca_bundle
         self.upstreams = upstreams.resolve() if upstreams is not None else None
+        self.placements = dict(placements or {})
+        unknown = set(self.placements) - set(PLACEABLE)
+        if unknown:
+            raise ConfigError(f"cannot place {sorted(unknown)}; only {', '.join(PLACEABLE)}")
+        if self.placement("redis").prefix:
+            raise ConfigError("Redis runs beside the launcher: its placement takes no prefix")
         self.pki = pki.DevPki(self.state / "pki")
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.redis: RedisServer | None = None
@@ -122,9 +167,17 @@ class Stack:
         """The demo database's read-only role password, which only the proxy reads."""
         return self.state / "postgres" / "jitgate_orders_ro.password"
 
+    def placement(self, name: str) -> Placement:
+        """Where a process runs: its Placement, else loopback beside the launcher."""
+        return self.placements.get(name, LOOPBACK)
+
     def address(self, name: str) -> str:
-        """host:port of a service."""
-        return f"127.0.0.1:{self.ports[name]}"
+        """host:port others (and the launcher) reach a service at."""
+        return host_port(self.placement(name).host, self.ports[name])
+
+    def listen_address(self, name: str) -> str:
+        """host:port a service listens on."""
+        return host_port(self.placement(name).bind, self.ports[name])
 
     @property
     def dev_idp(self) -> bool:
@@ -136,7 +189,7 @@ class Stack:
         """The issuer the verifier trusts: by default the dev IdP, as an Okta custom server's."""
         if self.external_oidc_issuer is not None:
             return self.external_oidc_issuer
-        return f"https://127.0.0.1:{self.ports['idp']}/oauth2/default"
+        return f"https://{self.address('idp')}/oauth2/default"
 
     def redis_url(self, user: str) -> str:
         """The Redis URL a service (or "admin") connects with."""
@@ -176,7 +229,7 @@ class Stack:
         files = self.pki.files(name)
         env = {
             **os.environ,
-            "JITGATE_LISTEN": self.address(name),
+            "JITGATE_LISTEN": self.listen_address(name),
             "JITGATE_TLS_CA": str(files.ca),
             "JITGATE_TLS_CERT": str(files.cert),
             "JITGATE_TLS_KEY": str(files.key),
@@ -232,7 +285,9 @@ class Stack:
 
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str]) -> None:
         self.processes[name] = children.spawn(
-            [sys.executable, "-m", "jitgate", *argv], log=self.logs / f"{name}.log", env=env
+            [*self.placement(name).prefix, sys.executable, "-m", "jitgate", *argv],
+            log=self.logs / f"{name}.log",
+            env=env,
         )
 
     def start_service(self, name: str, *, timeout: float = 30.0) -> None:
@@ -245,7 +300,13 @@ class Stack:
         try:
             self.prepare()
             if self.external_redis is None:
-                self.redis = RedisServer(workdir=self.state / "redis", port=self.ports["redis"])
+                where = self.placement("redis")
+                self.redis = RedisServer(
+                    workdir=self.state / "redis",
+                    port=self.ports["redis"],
+                    host=where.host,
+                    bind=where.bind,
+                )
                 self.redis.start()
             else:
                 self.redis_users = provision(self.external_redis)
@@ -280,7 +341,9 @@ class Stack:
         while True:
             self._check_alive(name)
             try:
-                with socket.create_connection(("127.0.0.1", self.ports[name]), timeout=0.5):
+                with socket.create_connection(
+                    (self.placement(name).host, self.ports[name]), timeout=0.5
+                ):
                     return
             except OSError:
                 pass
@@ -298,7 +361,7 @@ class Stack:
                 "--dir",
                 str(self.state / "idp"),
                 "--listen",
-                self.address("idp"),
+                self.listen_address("idp"),
                 "--tls-cert",
                 str(files.cert),
                 "--tls-key",
