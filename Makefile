@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck unit protos up bench bench-grant-path bench-verifier bench-audit bench-audit-crash bench-proxy interop clean
+.PHONY: demo test check lint typecheck unit protos up bench bench-grant-path bench-verifier bench-audit bench-audit-crash bench-proxy bench-grants bench-soak interop clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,15 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 # Every benchmark; results go in bench/RESULTS.md.
-bench: bench-grant-path bench-verifier bench-audit bench-proxy
+bench: bench-grants bench-grant-path bench-verifier bench-audit bench-proxy
+
+# RequestGrant at saturation and at fixed rates, beside a no-op chain of the same hops.
+bench-grants: $(STAMP)
+	$(BIN)/python bench/grants.py
+
+# Ten minutes at 200 grants/s: errors, latency by minute, every process's RSS.
+bench-soak: $(STAMP)
+	$(BIN)/python bench/soak.py
 
 # Latency of the grant path next to a one-hop floor.
 bench-grant-path: $(STAMP)

@@ -66,7 +66,8 @@ def connect(url: str, *, timeout: float = 1.0) -> redis.Redis:
     deadline that turns an outage into a hang, so each caller fails closed
     instead and the next request tries again.
     """
-    return TracedRedis.from_url(
+    kind = TracedRedis if telemetry.exporting_traces() else redis.Redis
+    return kind.from_url(
         url,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,

@@ -96,6 +96,14 @@ _DURATION = telemetry.meter().create_histogram(
 )
 
 
+def _record_duration(method: str, code: grpc.StatusCode, started: float) -> None:
+    if telemetry.exporting_metrics():
+        _DURATION.record(
+            (time.perf_counter() - started) * 1000,
+            {"rpc.method": method.lstrip("/"), "rpc.grpc.status_code": code.value[0]},
+        )
+
+
 def _status_code(context: Context) -> grpc.StatusCode:
     """The status the RPC ended with (OK unless the handler or the guard set another)."""
     try:
@@ -189,6 +197,13 @@ class ServiceGuard(_Interceptor):
     @contextlib.contextmanager
     def _observed(self, method: str, context: Context) -> Iterator[None]:
         """A SERVER span and a duration sample for one RPC, with its status code."""
+        started = time.perf_counter()
+        if not telemetry.exporting_traces():
+            try:
+                yield
+            finally:
+                _record_duration(method, _status_code(context), started)
+            return
         service, _, name = method.lstrip("/").partition("/")
         remote = telemetry.extract(context.invocation_metadata())
         if self._acl is not None:
@@ -203,7 +218,6 @@ class ServiceGuard(_Interceptor):
                 TraceContext(),
                 [trace.Link(remote_span)] if remote_span.is_valid else [],
             )
-        started = time.perf_counter()
         with telemetry.tracer().start_as_current_span(
             method.lstrip("/"),
             context=parent,
@@ -220,10 +234,7 @@ class ServiceGuard(_Interceptor):
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
                 if code in SERVER_ERRORS:
                     span.set_status(trace.StatusCode.ERROR, code.name)
-                _DURATION.record(
-                    (time.perf_counter() - started) * 1000,
-                    {"rpc.method": method.lstrip("/"), "rpc.grpc.status_code": code.value[0]},
-                )
+                _record_duration(method, code, started)
 
     def _unary(
         self, method: str, behaviour: Callable[[Any, Context], Awaitable[Any]]

@@ -74,6 +74,7 @@ def setup(service: str, environ: Mapping[str, str] | None = None) -> Callable[[]
         tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         trace.set_tracer_provider(tracer_provider)
         stops.append(tracer_provider.shutdown)
+        _exporting.add("TRACES")
     if endpoints["METRICS"]:
         reader = PeriodicExportingMetricReader(OTLPMetricExporter())
         meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
@@ -92,6 +93,16 @@ def setup(service: str, environ: Mapping[str, str] | None = None) -> Callable[[]
                 stop()
 
     return shutdown
+
+
+def exporting_traces() -> bool:
+    """Whether setup installed a span exporter.
+
+    Without one, callers skip instrumentation that is not free even as a
+    no-op: gRPC client interceptors and Redis wrappers cost a measurable part
+    of a grant's CPU (bench/RESULTS.md), for spans nobody would see.
+    """
+    return "TRACES" in _exporting
 
 
 def exporting_metrics() -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from jitgate.common import telemetry
 from jitgate.common.errors import ConfigError
 from jitgate.common.tracing import ClientTracing
 
@@ -85,5 +86,5 @@ def secure_channel(
         target,
         credentials,
         options=(*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", server_name), *options),
-        interceptors=[ClientTracing(server_name)],  # type: ignore[list-item]  # partial stubs
+        interceptors=[ClientTracing(server_name)] if telemetry.exporting_traces() else None,  # type: ignore[list-item]  # partial stubs
     )

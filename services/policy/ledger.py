@@ -10,7 +10,6 @@ issued:* and revoked:* (the Redis ACLs in jitgate.devstack.redis_server).
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -54,16 +53,24 @@ return {1, 0}
 """
 
 
-# Index a grant, and make each index live as long as its longest grant: an
-# expiry is only ever pushed later (Redis 6.2 has no PEXPIREAT GT).
-_INDEX = """
+# Record a grant and index it, in one step and one round trip. The issued
+# record lives until shortly after the grant ends; each index drops expired
+# grants and lives as long as its longest grant (an expiry is only ever pushed
+# later: Redis 6.2 has no PEXPIREAT GT). KEYS: the record, then the indexes.
+# ARGV: the grant id, its expiry (ms), the record's expiry (ms), then the
+# record's field/value pairs.
+_ISSUE = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('PEXPIREAT', KEYS[1], ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for _, key in ipairs(KEYS) do
-  redis.call('ZADD', key, ARGV[2], ARGV[1])
-  local left = redis.call('PTTL', key)
+for i = 2, #KEYS do
+  -- Expired grants leave the index here, or a busy subject's index grows forever.
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  redis.call('ZADD', KEYS[i], ARGV[2], ARGV[1])
+  local left = redis.call('PTTL', KEYS[i])
   if left < 0 or now + left < tonumber(ARGV[3]) then
-    redis.call('PEXPIREAT', key, ARGV[3])
+    redis.call('PEXPIREAT', KEYS[i], ARGV[3])
   end
 end
 return 1
@@ -84,7 +91,7 @@ class Ledger:
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
         self._take = client.register_script(_TAKE_SLOT)
-        self._index = client.register_script(_INDEX)
+        self._issue = client.register_script(_ISSUE)
 
     async def issue(self, record: GrantRecord) -> None:
         """Remember a grant the policy service is about to sign, until shortly after it ends.
@@ -92,21 +99,19 @@ class Ledger:
         It is also indexed by subject and by connection, so an operator can
         revoke every grant of either without the issuer's help.
         """
-        fields: Any = record.to_hash()  # redis-py types mapping keys invariantly
         until = _ms(record.expires_at) + MARKER_MARGIN_MS
+        pairs = [item for field in record.to_hash().items() for item in field]
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(issued_key(record.grant_id), mapping=fields)
-                pipe.pexpireat(issued_key(record.grant_id), until)
-                await self._index(
-                    keys=[
-                        subject_index_key(record.subject),
-                        connection_index_key(record.connection),
-                    ],
-                    args=[record.grant_id, _ms(record.expires_at), until],
-                    client=pipe,
-                )
-                await pipe.execute()
+            # A script, not MULTI: a pipeline holding a script asks SCRIPT EXISTS
+            # first, a second round trip on every grant.
+            await self._issue(
+                keys=[
+                    issued_key(record.grant_id),
+                    subject_index_key(record.subject),
+                    connection_index_key(record.connection),
+                ],
+                args=[record.grant_id, _ms(record.expires_at), until, *pairs],
+            )
         except RedisError as exc:
             raise Unavailable("redis", str(exc)) from exc
 

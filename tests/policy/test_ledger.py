@@ -1,0 +1,62 @@
+"""The policy ledger in a real Redis: records, indexes, and what leaves them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis
+
+from jitgate.common import grants, redisconn
+from jitgate.common.grants import GrantRecord
+from jitgate.devstack.redis_server import RedisServer
+from jitgate.policy.ledger import Ledger
+
+
+def _record(grant_id: str, ttl: float) -> GrantRecord:
+    now = time.time()
+    return GrantRecord(
+        grant_id=grant_id,
+        subject="busy-bot",
+        client_id="busy-bot",
+        connection="orders-replica",
+        connection_kind="postgres",
+        issued_at=now,
+        expires_at=now + ttl,
+        proxy_endpoint="",
+    )
+
+
+async def test_a_grant_is_recorded_and_indexed_in_one_step(
+    redis_server: RedisServer, redis_admin: redis.Redis
+) -> None:
+    ledger = Ledger(redisconn.connect(redis_server.url("policy")))
+    record = _record("a" * 32, 60)
+    await ledger.issue(record)
+    assert await ledger.issued(record.grant_id) == record
+    assert redis_admin.pttl(grants.issued_key(record.grant_id)) > 60_000  # outlives the grant
+    for key in (
+        grants.subject_index_key(record.subject),
+        grants.connection_index_key(record.connection),
+    ):
+        assert redis_admin.zrange(key, 0, -1) == [record.grant_id.encode()]
+        assert redis_admin.pttl(key) > 60_000
+    await ledger.close()
+
+
+async def test_expired_grants_leave_the_indexes(
+    redis_server: RedisServer, redis_admin: redis.Redis
+) -> None:
+    # A subject that asks all day must not grow its index all day.
+    ledger = Ledger(redisconn.connect(redis_server.url("policy")))
+    for n in range(5):
+        await ledger.issue(_record(f"{n:032x}", 0.01))
+    await asyncio.sleep(0.05)
+    kept = _record("f" * 32, 60)
+    await ledger.issue(kept)
+    for key in (
+        grants.subject_index_key(kept.subject),
+        grants.connection_index_key(kept.connection),
+    ):
+        assert redis_admin.zrange(key, 0, -1) == [kept.grant_id.encode()]
+    await ledger.close()
