@@ -129,7 +129,7 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """redis-server on loopback (or host), no persistence, users from an ACL file."""
+    """redis-server on loopback (or host), with an append-only file, users from an ACL file."""
 
     def __init__(
         self,
@@ -179,8 +179,16 @@ class RedisServer:
                     self.bind,
                     "--save",
                     "",
+                    # Grants, revocation markers and the policy's ledger must
+                    # survive a crash of redis-server: without them a grant
+                    # issued before it can no longer be revoked while its proxy
+                    # sessions run on. Redis appends each write to the log
+                    # before it replies, so a killed server loses nothing it
+                    # acknowledged (a power cut: up to the last second).
                     "--appendonly",
-                    "no",
+                    "yes",
+                    "--appendfsync",
+                    "everysec",
                     "--dir",
                     str(self.workdir),
                     "--aclfile",

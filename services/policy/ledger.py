@@ -57,13 +57,16 @@ return {1, 0}
 # record lives until shortly after the grant ends; each index drops expired
 # grants and lives as long as its longest grant (an expiry is only ever pushed
 # later: Redis 6.2 has no PEXPIREAT GT). KEYS: the record, then the indexes.
-# ARGV: the grant id, its expiry (ms), the record's expiry (ms), then the
-# record's field/value pairs.
+# ARGV: the grant id, its expiry (ms), the record's expiry (ms), the deadline
+# (ms), then the record's field/value pairs. Returns 0, writing nothing, when
+# Redis's clock is past the deadline: a write that reaches a stalled Redis
+# after policy gave up must not leave a record of a grant never signed.
 _ISSUE = """
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-redis.call('PEXPIREAT', KEYS[1], ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now > tonumber(ARGV[4]) then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('PEXPIREAT', KEYS[1], ARGV[3])
 for i = 2, #KEYS do
   -- Expired grants leave the index here, or a busy subject's index grows forever.
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
@@ -93,8 +96,11 @@ class Ledger:
         self._take = client.register_script(_TAKE_SLOT)
         self._issue = client.register_script(_ISSUE)
 
-    async def issue(self, record: GrantRecord) -> None:
+    async def issue(self, record: GrantRecord, *, deadline: float) -> None:
         """Remember a grant the policy service is about to sign, until shortly after it ends.
+
+        deadline is a wall-clock time (epoch seconds) checked by Redis's own
+        clock: past it the write does nothing and this raises Unavailable.
 
         It is also indexed by subject and by connection, so an operator can
         revoke every grant of either without the issuer's help.
@@ -104,16 +110,18 @@ class Ledger:
         try:
             # A script, not MULTI: a pipeline holding a script asks SCRIPT EXISTS
             # first, a second round trip on every grant.
-            await self._issue(
+            stored = await self._issue(
                 keys=[
                     issued_key(record.grant_id),
                     subject_index_key(record.subject),
                     connection_index_key(record.connection),
                 ],
-                args=[record.grant_id, _ms(record.expires_at), until, *pairs],
+                args=[record.grant_id, _ms(record.expires_at), until, _ms(deadline), *pairs],
             )
         except RedisError as exc:
             raise Unavailable("redis", str(exc)) from exc
+        if stored != 1:
+            raise Unavailable("redis", "the write reached Redis after its deadline")
 
     async def take_slot(self, record: GrantRecord, limit: int) -> None:
         """Count record against its subject's limit on its connection, or raise SlotsTaken."""

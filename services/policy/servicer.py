@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -273,7 +274,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
                 retry_after=retry_after,
             )
         # Remember what is signed, where the edge cannot rewrite it (Revoke reads it).
-        await self._ledger.issue(grant)
+        # Redis refuses the write past our deadline (hosts' clocks agree: NTP).
+        await self._ledger.issue(grant, deadline=time.time() + self._deadline(context))
         token = self._grant_keys.signer().sign(
             {
                 "aud": self._settings.grant_audience,

@@ -6,16 +6,21 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from jitgate.common.grants import REVOCATION_CHANNEL
+from jitgate.common.grants import REVOCATION_CHANNEL, grant_key, revoked_key
 from jitgate.proxy.session import Hooks, Registry, Session
 
 log = logging.getLogger(__name__)
 
 RESUBSCRIBE_DELAY = 0.5
+SWEEP_INTERVAL = 1.0
+"""How often live sessions' grants are looked up in Redis, besides the revocation channel."""
+EXPIRY_SLACK = 2.0
+"""Near its expiry a grant's key may be gone by Redis's clock first; the timer ends those."""
 
 
 def agent_tls(cert: str, key: str) -> ssl.SSLContext:
@@ -35,6 +40,7 @@ class ProxyServer:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
 
     @property
@@ -46,6 +52,7 @@ class ProxyServer:
         """Listen on host:port (0 picks one); return the port."""
         self._server = await asyncio.start_server(self._accept, host, port)
         self._listener = asyncio.create_task(self._revocations(), name="revocations")
+        self._sweeper = asyncio.create_task(self._sweep(), name="sweep")
         bound: int = self._server.sockets[0].getsockname()[1]
         return bound
 
@@ -84,14 +91,47 @@ class ProxyServer:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
+    async def _sweep(self) -> None:
+        # A revocation message can be missed (the subscription is re-made
+        # after a Redis restart, a failover can lose the last writes): every
+        # second, each live session's grant must still be in Redis and not
+        # revoked. Redis unreachable ends nothing; it cannot revoke either.
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            live = self.registry.grants()
+            if not live:
+                continue
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for grant_id in live:
+                        pipe.exists(grant_key(grant_id))
+                        pipe.exists(revoked_key(grant_id))
+                    found = await pipe.execute()
+            except RedisError as exc:
+                log.warning("cannot check live sessions' grants: %s", exc)
+                continue
+            now = time.time()
+            for (grant_id, expires_at), present, revoked in zip(
+                live.items(), found[::2], found[1::2], strict=True
+            ):
+                if revoked or (not present and now < expires_at - EXPIRY_SLACK):
+                    ended = self.registry.revoke(grant_id)
+                    log.warning(
+                        "grant %s is %s in Redis: ended %d session(s)",
+                        grant_id,
+                        "revoked" if revoked else "gone",
+                        ended,
+                    )
+
     async def stop(self) -> None:
         """Stop listening and end every session."""
         if self._server is not None:
             self._server.close()
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        for task in (self._listener, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -170,6 +170,14 @@ class Registry:
             session.end("revoked")
         return len(live)
 
+    def grants(self) -> dict[str, float]:
+        """The grants with live sessions, each with its expiry (epoch seconds)."""
+        return {
+            grant_id: min(session.expires_at for session in live)
+            for grant_id, live in self._sessions.items()
+            if live
+        }
+
     def sessions(self) -> list[Session]:
         """Every live session."""
         return [session for live in self._sessions.values() for session in live]
@@ -189,6 +197,8 @@ class Session:
     _ending: asyncio.Event = field(default_factory=asyncio.Event)
     _reason: str = ""
     _cancel_key: tuple[int, int] = (0, 0)
+    expires_at: float = 0.0
+    """When the session's grant ends (set once it is redeemed)."""
 
     def end(self, reason: str) -> None:
         """Ask the relay to stop: "expired" or "revoked"."""
@@ -334,6 +344,7 @@ class Session:
     async def _relay(self, redeemed: Redeemed, upstream: UpstreamSession) -> None:
         registry, loop = self.hooks.registry, asyncio.get_running_loop()
         stats = Relay(opened_at=self.hooks.clock())
+        self.expires_at = redeemed.expires_at
         registry.add(redeemed.grant_id, self)
         LIVE.add(1)
         left = max(0.0, redeemed.expires_at - self.hooks.clock())

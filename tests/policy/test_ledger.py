@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import redis
 
 from jitgate.common import grants, redisconn
+from jitgate.common.errors import Unavailable
 from jitgate.common.grants import GrantRecord
 from jitgate.devstack.redis_server import RedisServer
 from jitgate.policy.ledger import Ledger
@@ -32,7 +34,7 @@ async def test_a_grant_is_recorded_and_indexed_in_one_step(
 ) -> None:
     ledger = Ledger(redisconn.connect(redis_server.url("policy")))
     record = _record("a" * 32, 60)
-    await ledger.issue(record)
+    await ledger.issue(record, deadline=time.time() + 1)
     assert await ledger.issued(record.grant_id) == record
     assert redis_admin.pttl(grants.issued_key(record.grant_id)) > 60_000  # outlives the grant
     for key in (
@@ -50,13 +52,26 @@ async def test_expired_grants_leave_the_indexes(
     # A subject that asks all day must not grow its index all day.
     ledger = Ledger(redisconn.connect(redis_server.url("policy")))
     for n in range(5):
-        await ledger.issue(_record(f"{n:032x}", 0.01))
+        await ledger.issue(_record(f"{n:032x}", 0.01), deadline=time.time() + 1)
     await asyncio.sleep(0.05)
     kept = _record("f" * 32, 60)
-    await ledger.issue(kept)
+    await ledger.issue(kept, deadline=time.time() + 1)
     for key in (
         grants.subject_index_key(kept.subject),
         grants.connection_index_key(kept.connection),
     ):
         assert redis_admin.zrange(key, 0, -1) == [kept.grant_id.encode()]
+    await ledger.close()
+
+
+async def test_a_write_that_arrives_after_its_deadline_writes_nothing(
+    redis_server: RedisServer, redis_admin: redis.Redis
+) -> None:
+    # A stalled Redis that resumes must not record a grant policy gave up on.
+    ledger = Ledger(redisconn.connect(redis_server.url("policy")))
+    late = _record("e" * 32, 60)
+    with pytest.raises(Unavailable, match="after its deadline"):
+        await ledger.issue(late, deadline=time.time() - 0.01)
+    assert not redis_admin.exists(grants.issued_key(late.grant_id))
+    assert not redis_admin.exists(grants.subject_index_key(late.subject))
     await ledger.close()

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
+from jitgate.common import grants
 from jitgate.common.errors import PermissionDenied, Unauthenticated
 from jitgate.common.grants import REVOCATION_CHANNEL
 from jitgate.devstack import pki
@@ -30,6 +31,7 @@ __all__ = ["scram_pg"]  # the fixture, imported to be used here
 pytestmark = pytest.mark.integration
 SECRET = "upstream-Secret-7f3a9c"  # the role's password in the test server
 TOKEN = "grant.token.ok"  # what the fake check accepts
+GRANT_ID = "ab" * 16
 
 
 @dataclass
@@ -59,6 +61,9 @@ async def rig(
         for name, read_only in (("orders", False), ("orders-ro", True))
     }
     client = aioredis.Redis.from_url(redis_server.url("admin"))
+    # The grant is live in Redis, as the issuer leaves it: the proxy's sweep looks.
+    await client.delete(grants.revoked_key(GRANT_ID))
+    await client.set(grants.grant_key(GRANT_ID), "live", ex=300)
     state = Rig(port=0, proxy=None, publisher=client)  # type: ignore[arg-type]
 
     async def check(token: str, connection: str) -> Claims:
@@ -269,3 +274,42 @@ async def test_a_client_that_stops_reading_stops_the_server_not_the_proxys_memor
             received = len(first) + sum([len(data) async for data in copy])
     assert received == rows * width  # every byte, once, however slowly it was read
     assert max(buffered) < 4 * 1024 * 1024, max(buffered)
+
+
+async def _ended_within(rig: Rig, conn: psycopg.AsyncConnection, seconds: float) -> float:
+    """Wait for the proxy to end every session; return how long it took."""
+    started = time.monotonic()
+    for _ in range(int(seconds / 0.05)):
+        if not len(rig.proxy.registry):
+            break
+        await asyncio.sleep(0.05)
+    took = time.monotonic() - started
+    assert len(rig.proxy.registry) == 0, f"still live after {took:.1f}s"
+    with pytest.raises(psycopg.OperationalError, match="grant revoked"):
+        await conn.execute("SELECT 1")
+    return took
+
+
+async def test_a_revocation_whose_message_was_missed_still_ends_the_session(rig: Rig) -> None:
+    # The marker is set but nothing is published (a subscription being re-made,
+    # a failover that lost the message): the sweep finds it within its interval.
+    conn = await _connect(rig)
+    try:
+        await conn.execute("SELECT 1")
+        await rig.publisher.set(grants.revoked_key(GRANT_ID), "1", ex=60)
+        assert await _ended_within(rig, conn, 3.0) < 2.0
+    finally:
+        await conn.close()
+    assert [relay.reason for _, relay in await _reports(rig, 1)] == ["revoked"]
+
+
+async def test_a_grant_gone_from_redis_ends_its_session(rig: Rig) -> None:
+    # Redis lost the grant (a restart without its data): nobody could revoke
+    # it any more, so it is not left running until it expires.
+    conn = await _connect(rig)
+    try:
+        await conn.execute("SELECT 1")
+        await rig.publisher.delete(grants.grant_key(GRANT_ID))
+        assert await _ended_within(rig, conn, 3.0) < 2.0
+    finally:
+        await conn.close()
