@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck unit protos up bench bench-grant-path bench-verifier bench-audit bench-audit-crash bench-proxy bench-grants bench-soak interop clean
+.PHONY: demo test check lint typecheck unit protos up bench bench-grant-path bench-verifier bench-audit bench-audit-crash bench-proxy bench-grants bench-soak bench-faults interop clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,10 @@ bench-proxy: $(STAMP)
 # SIGKILL the audit process under load 100 times; fails if an acknowledged append is lost.
 bench-audit-crash: $(STAMP)
 	$(BIN)/python bench/audit_crash.py
+
+# SIGKILL and SIGSTOP audit, verifier, policy and Redis under load: fail fast, closed, recover.
+bench-faults: $(STAMP)
+	$(BIN)/python bench/faults.py
 
 # jitgate against panva's oidc-provider instead of the dev IdP (needs Node.js and npm).
 interop: $(STAMP)
