@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import secrets
@@ -264,8 +265,6 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         )
         if grant is None:
             DENIED.add(1, {"jitgate.reason_code": decision.reason_code})
-        else:
-            ISSUED.add(1, {"jitgate.connection": connection})
         if not decision.allowed or decision.connection is None or grant is None:
             raise PermissionDenied(
                 decision.reason_code,
@@ -275,7 +274,15 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             )
         # Remember what is signed, where the edge cannot rewrite it (Revoke reads it).
         # Redis refuses the write past our deadline (hosts' clocks agree: NTP).
-        await self._ledger.issue(grant, deadline=time.time() + self._deadline(context))
+        try:
+            await self._ledger.issue(grant, deadline=time.time() + self._deadline(context))
+        except Unavailable:
+            # Nothing is signed: the slot taken for it goes back.
+            if decision.binding is not None and decision.binding.max_concurrent:
+                with contextlib.suppress(Unavailable):  # Redis is the failure; the slot expires
+                    await self._ledger.release_slot(grant)
+            raise
+        ISSUED.add(1, {"jitgate.connection": connection})
         token = self._grant_keys.signer().sign(
             {
                 "aud": self._settings.grant_audience,

@@ -83,9 +83,14 @@ class ProxyServer:
                     ended = self.registry.revoke(grant_id)
                     if ended:
                         log.info("grant %s revoked: ended %d session(s)", grant_id, ended)
-            except RedisError as exc:
+            except (RedisError, OSError) as exc:
                 self.subscribed.clear()
                 log.warning("revocation channel lost, resubscribing: %s", exc)
+                await asyncio.sleep(RESUBSCRIBE_DELAY)
+            except Exception:
+                # A bug, not Redis: say so loudly, but keep listening.
+                self.subscribed.clear()
+                log.exception("revocation listener failed, resubscribing")
                 await asyncio.sleep(RESUBSCRIBE_DELAY)
             finally:
                 with contextlib.suppress(Exception):
@@ -107,7 +112,7 @@ class ProxyServer:
                         pipe.exists(grant_key(grant_id))
                         pipe.exists(revoked_key(grant_id))
                     found = await pipe.execute()
-            except RedisError as exc:
+            except Exception as exc:  # the safety net must not die with one bad round
                 log.warning("cannot check live sessions' grants: %s", exc)
                 continue
             now = time.time()

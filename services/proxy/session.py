@@ -42,6 +42,8 @@ BYTES = telemetry.meter().create_counter(
 
 HANDSHAKE_TIMEOUT = 10.0
 """From accept to a redeemed grant; a client that stalls longer is dropped."""
+CLOSE_GRACE = 1.0
+"""Seconds an ended session's client gets to take its last bytes before the socket is cut."""
 
 # SQLSTATEs (PostgreSQL docs, appendix "PostgreSQL Error Codes").
 INVALID_AUTHORIZATION = "28000"
@@ -324,8 +326,18 @@ class Session:
         self._cancel_key = self.hooks.registry.cancel_key(connection, upstream.backend_key)
         hello.append(pgwire.message(b"K", struct.pack("!ii", *self._cancel_key)))
         hello.append(pgwire.message(b"Z", upstream.transaction_status))
-        self.writer.write(b"".join(hello))
-        await self.writer.drain()
+        try:
+            self.writer.write(b"".join(hello))
+            await self.writer.drain()
+        except (ConnectionError, ssl.SSLError) as exc:
+            # Redeemed but gone: the redemption is on the record, so its end must be too.
+            log.info("session %s: client left after redemption: %s", self.session_id, exc)
+            upstream.writer.transport.abort()
+            self.hooks.registry.forget_cancel_key(self._cancel_key)
+            gone = Relay(opened_at=self.hooks.clock(), reason="client_closed")
+            with contextlib.suppress(Exception):
+                await self.hooks.report(redeemed, self.session_id, gone)
+            return None
         check_ms, redeem_ms, upstream_ms = ((b - a) * 1000 for a, b in itertools.pairwise(marks))
         log.info(
             "session %s: %s on %s until %s (grant %s; check %.1f ms, redeem %.1f ms,"
@@ -375,9 +387,19 @@ class Session:
                 forward(data)
         client.set_protocol(_Pipe(forward=to_server, peer=server, closed=closed, side="client"))
         server.set_protocol(_Pipe(forward=to_client, peer=client, closed=closed, side="server"))
-        for transport in (client, server):
-            if not transport.is_reading():  # a stream paused it when its buffer filled
+        for side, transport, reader, peer in (
+            ("client", client, self.reader, server),
+            ("server", server, upstream.reader, client),
+        ):
+            if reader.at_eof() or reader.exception() is not None or transport.is_closing():
+                # The end came before the swap, to the stream: the pipe never hears of it.
+                if not closed.done():
+                    closed.set_result(side)
+            elif not transport.is_reading():  # a stream paused it when its buffer filled
                 transport.resume_reading()
+            if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
+                # Its pause went to the stream before the swap: pause the peer here.
+                peer.pause_reading()
         ending = asyncio.ensure_future(self._ending.wait())
         waiters: set[asyncio.Future[Any]] = {closed, ending}
         try:
@@ -407,10 +429,14 @@ class Session:
             registry.remove(redeemed.grant_id, self)
             registry.forget_cancel_key(self._cancel_key)
             with contextlib.suppress(Exception):
-                server.close()
+                # Abort, not close: close() waits to send what is buffered, and a
+                # server blocked writing its output never reads it, so the session
+                # (and its backend) would outlive the grant. Nothing the agent
+                # sent after the end may reach the server anyway.
+                server.abort()
             with contextlib.suppress(Exception):
-                client.close()
-            await self._close()
+                client.close()  # flushes the ErrorResponse; a client that never reads
+                loop.call_later(CLOSE_GRACE, client.abort)  # does not hold the socket
             log.info(
                 "session %s ended (%s): %d bytes in, %d out",
                 self.session_id,

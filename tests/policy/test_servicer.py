@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 from jitgate.audit.client import AuditClient
 from jitgate.common import assertion, grants, redisconn, tls, wire
 from jitgate.common.assertion import Identity
+from jitgate.common.errors import Unavailable
 from jitgate.common.jws import MAX_TOKEN_BYTES
 from jitgate.devstack.pki import DevPki
 from jitgate.devstack.redis_server import RedisServer, free_port
@@ -429,6 +430,25 @@ async def test_a_slot_is_given_back_when_the_decision_cannot_be_recorded(
         assert (
             await _decide(rig, "ledger-admin", reason="r", assertion=_assertion(subject))
         ).allowed
+
+
+async def test_a_slot_is_given_back_when_the_grant_cannot_be_stored(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Recorded, then the ledger write fails (Redis late or gone): nothing is
+    # signed, so the concurrency slot must not stay taken until the TTL ends.
+    subject = f"cap-{time.time_ns()}"
+
+    async def late(self: Ledger, record: object, *, deadline: float) -> None:
+        raise Unavailable("redis", "the write reached Redis after its deadline")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Ledger, "issue", late)
+        for _ in range(3):  # more than the cap
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await _decide(rig, "ledger-admin", reason="r", assertion=_assertion(subject))
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (await _decide(rig, "ledger-admin", reason="r", assertion=_assertion(subject))).allowed
 
 
 async def test_the_ceiling_clips_a_longer_request(rig: Rig) -> None:

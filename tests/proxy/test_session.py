@@ -313,3 +313,82 @@ async def test_a_grant_gone_from_redis_ends_its_session(rig: Rig) -> None:
         assert await _ended_within(rig, conn, 3.0) < 2.0
     finally:
         await conn.close()
+
+
+async def _tls_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw protocol client, past TLS and the start-up, asked for its password."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(struct.pack("!ii", 8, pgwire.SSL_REQUEST))
+    assert await reader.readexactly(1) == b"S"
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    await writer.start_tls(context)
+    body = b"user\x00agent\x00database\x00orders\x00\x00"
+    writer.write(struct.pack("!ii", len(body) + 8, pgwire.PROTOCOL_3) + body)
+    await reader.readexactly(9)  # AuthenticationCleartextPassword
+    return reader, writer
+
+
+def _backends(server: PrivateServer) -> list[tuple[object, ...]]:
+    with psycopg.connect(server.admin(APP_DB), autocommit=True) as admin:
+        return admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'jitgate:%'"
+        ).fetchall()
+
+
+async def test_a_revoked_session_ends_on_the_server_even_when_it_is_blocked_writing(
+    rig: Rig, scram_pg: PrivateServer
+) -> None:
+    # The agent starts a large result and floods queries without reading: the
+    # server blocks writing, never reads, and the proxy's buffer toward it
+    # fills. A polite close would wait for that buffer forever; the backend
+    # (and its connection slot) must go with the grant all the same.
+    _reader, writer = await _tls_client(rig.port)
+    writer.write(pgwire.message(b"p", TOKEN.encode() + b"\x00"))
+    query = b"COPY (SELECT repeat('x', 999) FROM generate_series(1, 200000)) TO STDOUT\x00"
+    writer.write(pgwire.message(b"Q", query))
+    filler = pgwire.message(b"Q", b"SELECT 1\x00") * 1000
+    for _ in range(300):
+        writer.write(filler)
+        await asyncio.sleep(0.005)
+    assert await asyncio.to_thread(_backends, scram_pg)
+    await rig.publisher.publish(REVOCATION_CHANNEL, GRANT_ID)
+    left = None
+    for _ in range(40):
+        left = await asyncio.to_thread(_backends, scram_pg)
+        if not left:
+            break
+        await asyncio.sleep(0.05)
+    writer.transport.abort()
+    assert not left, "the backend outlived the revocation"
+
+
+async def test_a_client_gone_right_after_its_password_still_has_its_end_reported(
+    rig: Rig, scram_pg: PrivateServer
+) -> None:
+    _reader, writer = await _tls_client(rig.port)
+    writer.write(pgwire.message(b"p", TOKEN.encode() + b"\x00"))
+    await writer.drain()
+    writer.transport.abort()
+    reports = await _reports(rig, 1)
+    assert [relay.reason for _, relay in reports] == ["client_closed"]
+    assert len(rig.proxy.registry) == 0
+    for _ in range(40):
+        if not await asyncio.to_thread(_backends, scram_pg):
+            break
+        await asyncio.sleep(0.05)
+    assert not await asyncio.to_thread(_backends, scram_pg)
+
+
+async def test_a_sessions_end_is_reported_promptly(rig: Rig) -> None:
+    conn = await _connect(rig)
+    await conn.execute("SELECT 1")
+    closed = time.monotonic()
+    await conn.close()
+    for _ in range(100):
+        if rig.reports:
+            break
+        await asyncio.sleep(0.01)
+    assert rig.reports
+    assert time.monotonic() - closed < 0.5
