@@ -139,29 +139,39 @@ def floor(pki_dir: Path, logs: Path) -> Iterator[str]:
             process.wait(timeout=10)
 
 
-def _metadata(token: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {token}"),)
+def issuer_channel(stack: Stack, address: str | None = None) -> grpc.aio.Channel:
+    """An agent's TLS channel to the issuer at address (the stack's by default)."""
+    ca = grpc.ssl_channel_credentials(stack.pki.ca.read_bytes())
+    options = [("grpc.ssl_target_name_override", "issuer")]
+    return grpc.aio.secure_channel(address or stack.address("issuer"), ca, options=options)
+
+
+def request_grant(channel: grpc.aio.Channel, token: str) -> Call:
+    """One RequestGrant for the demo connection as the token's agent, as a call to repeat."""
+    grant = issuer_pb2_grpc.IssuerStub(channel).RequestGrant
+    request = issuer_pb2.RequestGrantRequest(connection=PROXIED_CONNECTION, ttl_seconds=60)
+    metadata = (("authorization", f"Bearer {token}"),)
+    return lambda: grant(request, metadata=metadata, timeout=5)
 
 
 async def measure(stack: Stack, floor_address: str, seconds: float) -> dict[str, dict[str, Run]]:
     """Saturation, then each offered rate, on the floor and the real chain alike."""
     token = stack.token("deploy-bot")
-    ca = grpc.ssl_channel_credentials(stack.pki.ca.read_bytes())
-    options = [("grpc.ssl_target_name_override", "issuer")]
-    real_channel = grpc.aio.secure_channel(stack.address("issuer"), ca, options=options)
-    floor_channel = grpc.aio.secure_channel(floor_address, ca, options=options)
-    grant = issuer_pb2_grpc.IssuerStub(real_channel).RequestGrant
-    request = issuer_pb2.RequestGrantRequest(connection=PROXIED_CONNECTION, ttl_seconds=60)
-    payload = request.SerializeToString()
+    real_channel = issuer_channel(stack)
+    floor_channel = issuer_channel(stack, floor_address)
+    # The floor gets the same bytes: the request, and the token in the metadata.
+    payload = issuer_pb2.RequestGrantRequest(
+        connection=PROXIED_CONNECTION, ttl_seconds=60
+    ).SerializeToString()
     noop = floor_channel.unary_unary(
         "/jitgate.floor.Floor/Call",
         request_serializer=lambda b: b,
         response_deserializer=lambda b: b,
     )
-    metadata = _metadata(token)
+    metadata = (("authorization", f"Bearer {token}"),)
     calls: dict[str, Call] = {
         "floor": lambda: noop(payload, metadata=metadata, timeout=5),
-        "jitgate": lambda: grant(request, metadata=metadata, timeout=5),
+        "jitgate": request_grant(real_channel, token),
     }
     results: dict[str, dict[str, Run]] = {name: {} for name in calls}
     for call in calls.values():  # warm up channels, caches, the JWKS

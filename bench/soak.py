@@ -16,11 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
-from grants import Run, offer  # bench/grants.py's open-loop generator (run from bench/)
+from grants import (  # bench/grants.py's open-loop generator (run from bench/)
+    Run,
+    issuer_channel,
+    offer,
+    request_grant,
+)
 
-from jitgate.devstack.stack import PROXIED_CONNECTION, Stack
-from jitgate.v1 import issuer_pb2, issuer_pb2_grpc
+from jitgate.devstack.stack import Stack
 
 
 def rss_kib(pid: int) -> int:
@@ -44,18 +47,13 @@ def processes(stack: Stack) -> dict[str, int]:
 
 async def soak(stack: Stack, minutes: int, rate: float) -> list[Run]:
     """Offer rate grants/s for minutes; one Run per minute."""
-    ca = grpc.ssl_channel_credentials(stack.pki.ca.read_bytes())
-    options = [("grpc.ssl_target_name_override", "issuer")]
-    channel = grpc.aio.secure_channel(stack.address("issuer"), ca, options=options)
-    grant = issuer_pb2_grpc.IssuerStub(channel).RequestGrant
-    request = issuer_pb2.RequestGrantRequest(connection=PROXIED_CONNECTION, ttl_seconds=60)
+    channel = issuer_channel(stack)
     runs = []
     token, fetched = stack.token("deploy-bot"), time.monotonic()
     for minute in range(minutes):
         if time.monotonic() - fetched > 1800:  # the dev IdP's tokens live an hour
             token, fetched = stack.token("deploy-bot"), time.monotonic()
-        metadata = (("authorization", f"Bearer {token}"),)
-        run = await offer(lambda m=metadata: grant(request, metadata=m, timeout=5), rate, 60)
+        run = await offer(request_grant(channel, token), rate, 60)
         runs.append(run)
         print(
             f"minute {minute + 1}: {run.rate:.0f}/s, p99 {run.percentile(99):.1f} ms,"

@@ -35,27 +35,19 @@ def check_grpc(name: str, env: Mapping[str, str], timeout: float = TIMEOUT) -> s
     """Return the service's health status name, or the gRPC error code name."""
     # Imported here so that the TCP check does not pay for loading gRPC.
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    ca, cert, key = (
-        Path(env[variable]).read_bytes()
-        for variable in ("JITGATE_TLS_CA", "JITGATE_TLS_CERT", "JITGATE_TLS_KEY")
+    from jitgate.common.health import serving_status
+    from jitgate.common.tls import TlsFiles
+
+    files = TlsFiles(
+        ca=Path(env["JITGATE_TLS_CA"]),
+        cert=Path(env["JITGATE_TLS_CERT"]),
+        key=Path(env["JITGATE_TLS_KEY"]),
     )
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=ca, private_key=key, certificate_chain=cert
-    )
-    # Each jitgate certificate names its service in a DNS SAN: the same check
-    # the services make of each other, so a swapped certificate fails here too.
-    options = [("grpc.ssl_target_name_override", name)]
-    target = f"127.0.0.1:{_port(env)}"
-    with grpc.secure_channel(target, credentials, options=options) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout
-            )
-        except grpc.RpcError as exc:
-            return str(exc.code().name)
-    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    try:
+        return serving_status(f"127.0.0.1:{_port(env)}", files, name, timeout=timeout)
+    except grpc.RpcError as exc:
+        return str(exc.code().name)
 
 
 def check_tcp(env: Mapping[str, str], timeout: float = TIMEOUT) -> str:

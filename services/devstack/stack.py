@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jitgate.audit import checkpoint
 from jitgate.audit.main import default_origin
 from jitgate.client import oauth
-from jitgate.common import keys, tls
+from jitgate.common import health, keys
 from jitgate.common.errors import ConfigError
 from jitgate.common.identity import DEFAULT_TRUST_DOMAIN
 from jitgate.devstack import children, idp, pki
@@ -399,20 +398,12 @@ class Stack:
 
     def health(self, name: str, *, timeout: float = 1.0) -> str:
         """The service's grpc.health.v1 status, as the operator identity sees it."""
-        files = self.pki.files("operator")
-        credentials = tls.channel_credentials(files)
-        with grpc.secure_channel(
-            self.address(name),
-            credentials,
-            options=[("grpc.ssl_target_name_override", name)],
-        ) as channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=timeout
-                )
-            except grpc.RpcError:
-                return "UNREACHABLE"
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+        try:
+            return health.serving_status(
+                self.address(name), self.pki.files("operator"), name, timeout=timeout
+            )
+        except grpc.RpcError:
+            return "UNREACHABLE"
 
     def wait_serving(self, name: str, *, timeout: float = 30.0) -> None:
         """Wait until name reports SERVING; fail fast if its process died."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,10 +140,7 @@ class GrantChecker:
                 "WRONG_CONNECTION", f"{connection} is not a PostgreSQL connection"
             )
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.exists(grants.grant_key(claims.grant_id))
-                pipe.exists(grants.revoked_key(claims.grant_id))
-                live, revoked = await pipe.execute()
+            [(live, revoked)] = await grant_states(self._redis, [claims.grant_id])
         except RedisError as exc:
             raise Unavailable("redis", str(exc)) from exc
         if revoked:
@@ -151,3 +148,15 @@ class GrantChecker:
         if not live:
             raise PermissionDenied("GRANT_EXPIRED", "this grant is not live")
         return claims
+
+
+async def grant_states(client: redis.Redis, grant_ids: Sequence[str]) -> list[tuple[bool, bool]]:
+    """For each grant id, in one round trip: (live in Redis, revoked). Raises RedisError."""
+    async with client.pipeline(transaction=False) as pipe:
+        for grant_id in grant_ids:
+            pipe.exists(grants.grant_key(grant_id))
+            pipe.exists(grants.revoked_key(grant_id))
+        found = await pipe.execute()
+    return [
+        (bool(live), bool(revoked)) for live, revoked in zip(found[::2], found[1::2], strict=True)
+    ]

@@ -11,7 +11,8 @@ import time
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from jitgate.common.grants import REVOCATION_CHANNEL, grant_key, revoked_key
+from jitgate.common.grants import REVOCATION_CHANNEL
+from jitgate.proxy.grantcheck import grant_states
 from jitgate.proxy.session import Hooks, Registry, Session
 
 log = logging.getLogger(__name__)
@@ -107,17 +108,13 @@ class ProxyServer:
             if not live:
                 continue
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for grant_id in live:
-                        pipe.exists(grant_key(grant_id))
-                        pipe.exists(revoked_key(grant_id))
-                    found = await pipe.execute()
+                states = await grant_states(self._redis, list(live))
             except Exception as exc:  # the safety net must not die with one bad round
                 log.warning("cannot check live sessions' grants: %s", exc)
                 continue
             now = time.time()
-            for (grant_id, expires_at), present, revoked in zip(
-                live.items(), found[::2], found[1::2], strict=True
+            for (grant_id, expires_at), (present, revoked) in zip(
+                live.items(), states, strict=True
             ):
                 if revoked or (not present and now < expires_at - EXPIRY_SLACK):
                     ended = self.registry.revoke(grant_id)

@@ -198,8 +198,8 @@ async def test_writes_fail_on_a_read_only_connection(rig: Rig) -> None:
             await conn.execute("INSERT INTO items VALUES (2)")
 
 
-async def _raw_session(port: int, caplog: pytest.LogCaptureFixture) -> bytes:
-    """Everything an agent receives in a session, byte for byte."""
+async def _tls_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw protocol client, past TLS and the start-up, asked for its password."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(struct.pack("!ii", 8, pgwire.SSL_REQUEST))
     assert await reader.readexactly(1) == b"S"
@@ -209,7 +209,14 @@ async def _raw_session(port: int, caplog: pytest.LogCaptureFixture) -> bytes:
     await writer.start_tls(context)
     body = b"user\x00agent\x00database\x00orders\x00\x00"
     writer.write(struct.pack("!ii", len(body) + 8, pgwire.PROTOCOL_3) + body)
-    received = await reader.readexactly(9)  # AuthenticationCleartextPassword
+    assert await reader.readexactly(9) == pgwire.authentication(pgwire.AUTH_CLEARTEXT)
+    return reader, writer
+
+
+async def _raw_session(port: int, caplog: pytest.LogCaptureFixture) -> bytes:
+    """Everything an agent receives in a session, byte for byte."""
+    reader, writer = await _tls_client(port)
+    received = pgwire.authentication(pgwire.AUTH_CLEARTEXT)  # checked by _tls_client
     writer.write(pgwire.message(b"p", TOKEN.encode() + b"\x00"))
     writer.write(
         pgwire.message(b"Q", b"SELECT rolname FROM pg_roles WHERE rolname = current_user\x00")
@@ -313,21 +320,6 @@ async def test_a_grant_gone_from_redis_ends_its_session(rig: Rig) -> None:
         assert await _ended_within(rig, conn, 3.0) < 2.0
     finally:
         await conn.close()
-
-
-async def _tls_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A raw protocol client, past TLS and the start-up, asked for its password."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(struct.pack("!ii", 8, pgwire.SSL_REQUEST))
-    assert await reader.readexactly(1) == b"S"
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    await writer.start_tls(context)
-    body = b"user\x00agent\x00database\x00orders\x00\x00"
-    writer.write(struct.pack("!ii", len(body) + 8, pgwire.PROTOCOL_3) + body)
-    await reader.readexactly(9)  # AuthenticationCleartextPassword
-    return reader, writer
 
 
 def _backends(server: PrivateServer) -> list[tuple[object, ...]]:
