@@ -108,23 +108,35 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
+# Ports this process has handed out. A port is free until its service binds
+# it, so without this two services of one stack (or two stacks in one test
+# run) can draw the same port and the later one fails to listen.
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago.
 
     The port is chosen below the kernel's ephemeral range: a port from that
     range can be taken at any moment as the source port of some outgoing
-    connection, and a service restarted on it would then fail to bind.
+    connection, and a service restarted on it would then fail to bind. No
+    port is returned twice by one process.
     """
     low, high = _ephemeral_range()
     candidates = range(20_000, low) if low > 21_000 else range(high + 1, 65_536)
+    if len(_handed_out) > len(candidates) // 2:
+        _handed_out.clear()
     for _ in range(100):
         port = secrets.choice(candidates)
+        if port in _handed_out:
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     raise ConfigError("no free TCP port found on 127.0.0.1")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from jitgate.common import keys
 from jitgate.common.config import Env
 from jitgate.common.errors import ConfigError, Unavailable
 from jitgate.devstack import pki
+from jitgate.devstack.redis_server import free_port
 from jitgate.v1 import audit_pb2
 from tests.conftest import PostgresDatabase
 from tests.support import channel
@@ -29,13 +29,6 @@ from tests.support import channel
 pytestmark = pytest.mark.integration
 
 EVENT = audit_pb2.AuditEvent(decision=audit_pb2.DecisionRecorded(connection="orders-replica"))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def signing_key(dev: pki.DevPki) -> Path:

@@ -39,3 +39,10 @@ def test_a_given_redis_gets_one_user_per_service(given: RedisServer) -> None:
 def test_a_url_that_cannot_create_users_is_refused(given: RedisServer) -> None:
     with pytest.raises(ConfigError, match="ACL SETUSER"):
         provision(given.url("issuer"))
+
+
+def test_free_port_never_repeats_within_a_process() -> None:
+    # A stack draws a port per service before any of them binds; a repeat
+    # made the later service fail to listen (seen in CI).
+    drawn = [free_port() for _ in range(500)]
+    assert len(set(drawn)) == len(drawn)

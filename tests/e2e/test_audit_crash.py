@@ -29,7 +29,6 @@ import contextlib
 import itertools
 import os
 import random
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -50,6 +49,7 @@ from jitgate.audit.verify import verify
 from jitgate.common import keys
 from jitgate.common.errors import Unavailable
 from jitgate.devstack import pki
+from jitgate.devstack.redis_server import free_port
 from jitgate.v1 import audit_pb2
 from tests.support import channel
 
@@ -64,14 +64,6 @@ CLIENTS = 8
 KILL_AFTER = (0.01, 0.25)
 """The kill comes this many seconds (uniformly at random) after the round's first receipt."""
 START_TIMEOUT = 20.0
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def decision(grant_id: str) -> tuple[audit_pb2.AuditEvent, dict[str, Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import grpc
@@ -14,19 +13,13 @@ from jitgate.common import keys
 from jitgate.common.config import Env
 from jitgate.common.errors import ConfigError
 from jitgate.devstack import idp, pki
+from jitgate.devstack.redis_server import free_port
 from jitgate.v1 import verifier_pb2, verifier_pb2_grpc
 from jitgate.verifier import main
 from jitgate.verifier.oidc import CachePolicy
 from tests.support import channel
 
 ISSUER = "https://idp.example/oauth2/default"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _rsa_key() -> rsa.RSAPrivateKey:
@@ -133,12 +126,12 @@ async def test_an_assertion_ttl_over_sixty_seconds_is_refused(
 
 
 async def test_it_serves_while_the_idp_is_unreachable(dev_pki: pki.DevPki, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = _env(
         dev_pki,
         tmp_path,
         JITGATE_LISTEN=f"127.0.0.1:{port}",
-        JITGATE_OIDC_ISSUER=f"https://127.0.0.1:{_free_port()}/oauth2/default",
+        JITGATE_OIDC_ISSUER=f"https://127.0.0.1:{free_port()}/oauth2/default",
         JITGATE_OIDC_CA_BUNDLE=str(dev_pki.ca),
     )
     service, (cache,) = main.create(Env(env))
