@@ -38,6 +38,10 @@ async def serve(env: Env) -> None:
         store=store,
         settings=IssuerSettings(
             proxy_endpoint=env.string("JITGATE_PROXY_ENDPOINT", "127.0.0.1:6432"),
+            proxy_endpoints={
+                "ssh": env.string("JITGATE_PROXY_SSH_ENDPOINT", "127.0.0.1:2222"),
+                "kubernetes": env.string("JITGATE_PROXY_KUBE_ENDPOINT", "https://127.0.0.1:6443"),
+            },
             deadline=env.seconds("JITGATE_REQUEST_DEADLINE", 2.5, low=0.1, high=60.0),
         ),
         clock=system_clock,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -75,7 +75,14 @@ class IssuerSettings:
     """What the issuer tells agents and how long it waits for its dependencies."""
 
     proxy_endpoint: str
+    """Where agents redeem PostgreSQL grants."""
     deadline: float
+    proxy_endpoints: Mapping[str, str] = field(default_factory=dict)
+    """Per connection kind ("ssh", "kubernetes"), where agents redeem; else proxy_endpoint."""
+
+    def endpoint(self, kind: str) -> str:
+        """Where an agent redeems a grant for a connection of kind."""
+        return self.proxy_endpoints.get(kind) or self.proxy_endpoint
 
 
 class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
@@ -180,7 +187,7 @@ class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
             connection_kind=decision.connection_kind,
             issued_at=wire.seconds(decision.issued_at),
             expires_at=wire.seconds(decision.expires_at),
-            proxy_endpoint=self._settings.proxy_endpoint,
+            proxy_endpoint=self._settings.endpoint(decision.connection_kind),
         )
         # No grant exists until it is live in Redis: if this fails the agent
         # gets UNAVAILABLE and the signed token is never handed out.

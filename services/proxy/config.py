@@ -1,6 +1,8 @@
 """connections.toml: where each connection really is, and the secret the proxy logs in with.
 
-Read by the proxy only. The secret is named by reference (a file or an
+Read by the proxy only. Each `[connections.NAME]` table has a `kind`:
+"postgres" (the default), "ssh" or "kubernetes". The secret (a password, an
+SSH private key, a ServiceAccount token) is named by reference (a file or an
 environment variable) and read at start-up; it lives in memory, never in a
 log line, an error message, an audit record or anything an agent receives.
 """
@@ -8,23 +10,70 @@ log line, an error message, an audit record or anything an agent receives.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from jitgate.common import validate
 from jitgate.common.errors import ConfigError, InvalidArgument
 from jitgate.proxy.upstream import TLS_MODES, Target
 
+KINDS = ("postgres", "ssh", "kubernetes")
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS-1123 label
+_HOST_KEY = re.compile(
+    r"(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|rsa-sha2-(256|512)|ssh-rsa)"
+    r" [A-Za-z0-9+/]+={0,2}( .*)?"
+)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Upstream(Target):
-    """One connection's real server and role (an upstream Target), by name."""
+    """One PostgreSQL connection's real server and role (an upstream Target), by name."""
 
     name: str
     read_only: bool = False
+    kind: str = "postgres"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SshTarget:
+    """One SSH host: where it is, the key the proxy logs in with, its pinned host key."""
+
+    name: str
+    host: str
+    port: int
+    user: str
+    private_key: str = field(repr=False)
+    """The OpenSSH private key, in memory only."""
+    host_key: str
+    """The upstream's public host key ("ssh-ed25519 AAAA…"); any other is refused."""
+    allow_agent_forwarding: bool = False
+    allow_port_forwarding: bool = False
+    kind: str = "ssh"
+
+
+@dataclass(frozen=True, kw_only=True)
+class KubeTarget:
+    """One Kubernetes namespace: the API server and the ServiceAccount token for it."""
+
+    name: str
+    server: str
+    """The API server's https:// URL."""
+    namespace: str
+    token: str = field(repr=False)
+    ca_file: str | None = None
+    """The CA bundle for the API server's certificate; None means the system's."""
+    allow_exec: bool = False
+    """exec and attach into pods of the namespace."""
+    allow_port_forward: bool = False
+    kind: str = "kubernetes"
+
+
+Connection = Upstream | SshTarget | KubeTarget
+_C = TypeVar("_C", Upstream, SshTarget, KubeTarget)
 
 
 def _string(table: Mapping[str, Any], key: str, path: str, default: str | None = None) -> str:
@@ -34,31 +83,121 @@ def _string(table: Mapping[str, Any], key: str, path: str, default: str | None =
     return value
 
 
-def _secret(table: Mapping[str, Any], path: str, base: Path) -> str:
-    file, env = table.get("password_file"), table.get("password_env")
-    if (file is None) == (env is None):
-        raise ConfigError(f"{path}: set exactly one of password_file, password_env")
+def _secret(
+    table: Mapping[str, Any], path: str, base: Path, what: str = "password", *, env_ok: bool = True
+) -> str:
+    file_key, env_key = f"{what}_file", f"{what}_env"
+    file, env = table.get(file_key), table.get(env_key) if env_ok else None
+    if env_ok and (file is None) == (env is None):
+        raise ConfigError(f"{path}: set exactly one of {file_key}, {env_key}")
+    if file is None and env is None:
+        raise ConfigError(f"{path}.{file_key}: required, a path")
     if file is not None:
         if not isinstance(file, str):
-            raise ConfigError(f"{path}.password_file: must be a path")
+            raise ConfigError(f"{path}.{file_key}: must be a path")
         where = (base / file).expanduser()
         try:
             secret = where.read_text().rstrip("\n")
         except OSError as exc:
             # The path is fine to name; the content never is.
-            raise ConfigError(
-                f"{path}.password_file: cannot read {where}: {exc.strerror}"
-            ) from None
+            raise ConfigError(f"{path}.{file_key}: cannot read {where}: {exc.strerror}") from None
     else:
         if not isinstance(env, str) or not env:
-            raise ConfigError(f"{path}.password_env: must name an environment variable")
+            raise ConfigError(f"{path}.{env_key}: must name an environment variable")
         secret = os.environ.get(env, "")
     if not secret:
-        raise ConfigError(f"{path}: the password is empty")
+        raise ConfigError(f"{path}: the {what.replace('_', ' ')} is empty")
     return secret
 
 
-def _upstream(name: str, table: Any, base: Path) -> Upstream:
+def _no_extra(table: Mapping[str, Any], path: str, known: set[str]) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(
+                f"{path}.{key}: unknown key; expected one of {', '.join(sorted(known))}"
+            )
+
+
+def _flag(table: Mapping[str, Any], key: str, path: str) -> bool:
+    value = table.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}.{key}: must be true or false")
+    return value
+
+
+def _port(table: Mapping[str, Any], path: str, default: int) -> int:
+    port = table.get("port", default)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"{path}.port: must be 1 to 65535")
+    return port
+
+
+def _ssh(name: str, table: Mapping[str, Any], base: Path, path: str) -> SshTarget:
+    _no_extra(
+        table,
+        path,
+        {
+            "kind",
+            "host",
+            "port",
+            "user",
+            "key_file",
+            "host_key",
+            "allow_agent_forwarding",
+            "allow_port_forwarding",
+        },
+    )
+    host_key = _string(table, "host_key", path).strip()
+    # Pinned, never learned on first use: a proxy that trusted whatever answered
+    # would hand the agent's session to anyone who can redirect the connection.
+    if not _HOST_KEY.fullmatch(host_key):
+        raise ConfigError(f"{path}.host_key: must be an OpenSSH public key, e.g. ssh-ed25519 AAAA…")
+    return SshTarget(
+        name=name,
+        host=_string(table, "host", path),
+        port=_port(table, path, 22),
+        user=_string(table, "user", path),
+        private_key=_secret(table, path, base, "key", env_ok=False),
+        host_key=host_key,
+        allow_agent_forwarding=_flag(table, "allow_agent_forwarding", path),
+        allow_port_forwarding=_flag(table, "allow_port_forwarding", path),
+    )
+
+
+def _kubernetes(name: str, table: Mapping[str, Any], base: Path, path: str) -> KubeTarget:
+    _no_extra(
+        table,
+        path,
+        {
+            "kind",
+            "server",
+            "namespace",
+            "token_file",
+            "token_env",
+            "ca_file",
+            "allow_exec",
+            "allow_port_forward",
+        },
+    )
+    server = _string(table, "server", path).rstrip("/")
+    if not server.startswith("https://") or len(server) <= len("https://"):
+        raise ConfigError(f"{path}.server: must be an https:// URL")
+    namespace = _string(table, "namespace", path)
+    if not _NAMESPACE.fullmatch(namespace):
+        raise ConfigError(f"{path}.namespace: must be a DNS-1123 label (RFC 1123)")
+    ca_file = _string(table, "ca_file", path, "")
+    return KubeTarget(
+        name=name,
+        server=server,
+        namespace=namespace,
+        token=_secret(table, path, base, "token"),
+        ca_file=str((base / ca_file).expanduser()) if ca_file else None,
+        allow_exec=_flag(table, "allow_exec", path),
+        allow_port_forward=_flag(table, "allow_port_forward", path),
+    )
+
+
+def _connection(name: str, table: Any, base: Path) -> Connection:
     path = f"connections.{name}"
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: must be a table")
@@ -66,7 +205,19 @@ def _upstream(name: str, table: Any, base: Path) -> Upstream:
         validate.connection_name(name)
     except InvalidArgument as exc:
         raise ConfigError(f"{path}: the name {exc.description}") from None
+    kind = table.get("kind", "postgres")
+    if kind == "ssh":
+        return _ssh(name, table, base, path)
+    if kind == "kubernetes":
+        return _kubernetes(name, table, base, path)
+    if kind != "postgres":
+        raise ConfigError(f"{path}.kind: {kind!r} is not one of {', '.join(KINDS)}")
+    return _upstream(name, table, base, path)
+
+
+def _upstream(name: str, table: Mapping[str, Any], base: Path, path: str) -> Upstream:
     known = {
+        "kind",
         "host",
         "port",
         "socket_dir",
@@ -78,11 +229,7 @@ def _upstream(name: str, table: Any, base: Path) -> Upstream:
         "ca_file",
         "read_only",
     }
-    for key in table:
-        if key not in known:
-            raise ConfigError(
-                f"{path}.{key}: unknown key; expected one of {', '.join(sorted(known))}"
-            )
+    _no_extra(table, path, known)
     host, socket_dir = table.get("host", ""), table.get("socket_dir", "")
     if (
         bool(host) == bool(socket_dir)
@@ -90,17 +237,13 @@ def _upstream(name: str, table: Any, base: Path) -> Upstream:
         or not isinstance(socket_dir, str)
     ):
         raise ConfigError(f"{path}: set exactly one of host, socket_dir")
-    port = table.get("port", 5432)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ConfigError(f"{path}.port: must be 1 to 65535")
+    port = _port(table, path, 5432)
     tls = _string(table, "tls", path, "disable")
     if tls not in TLS_MODES:
         raise ConfigError(f"{path}.tls: {tls!r} is not one of {', '.join(TLS_MODES)}")
     if socket_dir and tls != "disable":
         raise ConfigError(f"{path}.tls: a Unix socket does not use TLS")
-    read_only = table.get("read_only", False)
-    if not isinstance(read_only, bool):
-        raise ConfigError(f"{path}.read_only: must be true or false")
+    read_only = _flag(table, "read_only", path)
     return Upstream(
         name=name,
         database=_string(table, "database", path),
@@ -115,8 +258,8 @@ def _upstream(name: str, table: Any, base: Path) -> Upstream:
     )
 
 
-def parse(data: str, *, base: Path, source: str = "connections") -> dict[str, Upstream]:
-    """Return the upstreams in data (TOML); relative paths are relative to base."""
+def parse(data: str, *, base: Path, source: str = "connections") -> dict[str, Connection]:
+    """Return the connections in data (TOML) by name; relative paths are relative to base."""
     try:
         document = tomllib.loads(data)
     except tomllib.TOMLDecodeError as exc:
@@ -126,13 +269,18 @@ def parse(data: str, *, base: Path, source: str = "connections") -> dict[str, Up
     tables = document.get("connections", {})
     if not isinstance(tables, dict):
         raise ConfigError(f"{source}: connections must be tables")
-    return {name: _upstream(name, table, base) for name, table in tables.items()}
+    return {name: _connection(name, table, base) for name, table in tables.items()}
 
 
-def load(path: Path) -> dict[str, Upstream]:
+def load(path: Path) -> dict[str, Connection]:
     """Parse the connections file at path."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     return parse(text, base=path.parent, source=str(path))
+
+
+def of_kind(connections: Mapping[str, Connection], kind: type[_C]) -> dict[str, _C]:
+    """The connections of one kind, by name."""
+    return {name: c for name, c in connections.items() if isinstance(c, kind)}

@@ -123,8 +123,11 @@ class GrantChecker:
         self._trust_domain = trust_domain
         self._clock = clock
 
-    async def check(self, token: str, connection: str) -> Claims:
-        """Return the grant's claims, or raise Unauthenticated/PermissionDenied/Unavailable."""
+    async def check(self, token: str, connection: str, kind: str) -> Claims:
+        """Return the grant's claims for a connection of kind, or raise.
+
+        Raises Unauthenticated, PermissionDenied or Unavailable.
+        """
         kid = _kid(token)
         keys = await self._keys.current(kid)
         checker = grants.token_checker(
@@ -135,10 +138,10 @@ class GrantChecker:
             raise PermissionDenied(
                 "WRONG_CONNECTION", f"this grant is for {claims.connection}, not {connection}"
             )
-        if claims.kind != "postgres":
-            raise PermissionDenied(
-                "WRONG_CONNECTION", f"{connection} is not a PostgreSQL connection"
-            )
+        if claims.kind != kind:
+            # A grant is for one kind of access: one minted for an SSH host must
+            # not open a database listener that happens to share the name.
+            raise PermissionDenied("WRONG_CONNECTION", f"{connection} is not a {kind} connection")
         try:
             [(live, revoked)] = await grant_states(self._redis, [claims.grant_id])
         except RedisError as exc:

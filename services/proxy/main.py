@@ -17,8 +17,9 @@ from jitgate.common.errors import ConfigError, Unavailable
 from jitgate.common.identity import DEFAULT_TRUST_DOMAIN, spiffe_id
 from jitgate.common.status import from_rpc_error
 from jitgate.proxy import config, upstream
+from jitgate.proxy.gate import Gate
 from jitgate.proxy.grantcheck import GrantChecker, GrantKeys
-from jitgate.proxy.server import ProxyServer, agent_tls
+from jitgate.proxy.server import Frontend, ProxyServer, agent_tls
 from jitgate.proxy.session import Hooks, Redeemed, Registry, Relay, UpstreamSession
 from jitgate.v1 import policy_pb2, policy_pb2_grpc
 
@@ -91,6 +92,16 @@ class Core:
             )
 
 
+def frontends(
+    env: Env, connections: dict[str, config.Connection], gate: Gate, agents_tls: ssl.SSLContext
+) -> list[Frontend]:
+    """The listeners for SSH hosts and Kubernetes namespaces, where any are configured."""
+    served: list[Frontend] = []
+    # Each kind's front end is added here; its listener starts only when
+    # connections.toml names a connection of that kind.
+    return served
+
+
 def canceller(
     upstreams: dict[str, config.Upstream],
 ) -> Callable[[str, tuple[int, int]], Awaitable[None]]:
@@ -131,7 +142,8 @@ async def serve(env: Env) -> None:
     trust_domain = env.string("JITGATE_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN)
     files = env.tls()
     listen = env.address("JITGATE_LISTEN", DEFAULT_LISTEN)
-    upstreams = config.load(env.path("JITGATE_PROXY_CONNECTIONS"))
+    connections = config.load(env.path("JITGATE_PROXY_CONNECTIONS"))
+    upstreams = config.of_kind(connections, config.Upstream)
     cert = env.optional("JITGATE_PROXY_TLS_CERT") or str(files.cert)
     key = env.optional("JITGATE_PROXY_TLS_KEY") or str(files.key)
     try:
@@ -150,6 +162,8 @@ async def serve(env: Env) -> None:
         audience=env.string("JITGATE_GRANT_AUDIENCE", spiffe_id("proxy", trust_domain)),
         trust_domain=trust_domain,
     )
+    registry = Registry()
+    gate = Gate(check=checker.check, redeem=core.redeem, report=core.report, registry=registry)
     hooks = Hooks(
         check=checker.check,
         redeem=core.redeem,
@@ -157,17 +171,21 @@ async def serve(env: Env) -> None:
         report=core.report,
         known=upstreams.__contains__,
         tls=agents_tls,
-        registry=Registry(),
+        registry=registry,
         cancel=canceller(upstreams),
     )
-    server = ProxyServer(hooks=hooks, redis_client=redis_client)
+    server = ProxyServer(
+        hooks=hooks,
+        redis_client=redis_client,
+        frontends=frontends(env, connections, gate, agents_tls),
+    )
     host, _, port = listen.rpartition(":")
     bound = await server.start(host, int(port))
     log.info(
         "proxy on %s:%d for %s; redis %s",
         host,
         bound,
-        ", ".join(sorted(upstreams)) or "no connections",
+        ", ".join(sorted(upstreams)) or "no PostgreSQL connections",
         redisconn.redacted(redis_url),
     )
     stop = asyncio.Event()

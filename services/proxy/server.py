@@ -1,4 +1,4 @@
-"""The proxy's listener and the revocation listener that ends sessions within a second."""
+"""The proxy's listeners and the revocation listener that ends sessions within a second."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Sequence
+from typing import Protocol
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -32,12 +34,31 @@ def agent_tls(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
-class ProxyServer:
-    """Accepts agents, one Session each; ends sessions whose grant is revoked."""
+class Frontend(Protocol):
+    """A listener for one more kind of connection (SSH, Kubernetes) sharing the registry."""
 
-    def __init__(self, *, hooks: Hooks, redis_client: redis.Redis) -> None:
+    async def start(self) -> str:
+        """Listen; return the address listened on, for the log."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop listening and end its sessions."""
+        ...
+
+
+class ProxyServer:
+    """Accepts agents, one Session each; ends sessions whose grant is revoked.
+
+    PostgreSQL is served here; other kinds by their Frontend, all in one
+    Registry, so the revocation listener and the sweep end sessions of every kind.
+    """
+
+    def __init__(
+        self, *, hooks: Hooks, redis_client: redis.Redis, frontends: Sequence[Frontend] = ()
+    ) -> None:
         self._hooks = hooks
         self._redis = redis_client
+        self._frontends = list(frontends)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
@@ -54,6 +75,8 @@ class ProxyServer:
         self._server = await asyncio.start_server(self._accept, host, port)
         self._listener = asyncio.create_task(self._revocations(), name="revocations")
         self._sweeper = asyncio.create_task(self._sweep(), name="sweep")
+        for frontend in self._frontends:
+            log.info("listening on %s", await frontend.start())
         bound: int = self._server.sockets[0].getsockname()[1]
         return bound
 
@@ -129,6 +152,9 @@ class ProxyServer:
         """Stop listening and end every session."""
         if self._server is not None:
             self._server.close()
+        for frontend in self._frontends:
+            with contextlib.suppress(Exception):
+                await frontend.stop()
         for task in (self._listener, self._sweeper):
             if task is not None:
                 task.cancel()

@@ -114,7 +114,8 @@ class UpstreamSession(Protocol):
 class Hooks:
     """The session's collaborators, so tests can run it against fakes or real servers."""
 
-    check: Callable[[str, str], Awaitable[Claims]]
+    check: Callable[[str, str, str], Awaitable[Claims]]
+    """(token, connection, kind): the proxy's own check of a grant token."""
     redeem: Callable[[str, str, str, str], Awaitable[Redeemed]]
     open_upstream: Callable[[str, str], Awaitable[UpstreamSession]]
     report: Callable[[Redeemed, str, Relay], Awaitable[None]]
@@ -126,8 +127,21 @@ class Hooks:
     clock: Callable[[], float] = time.time
 
 
+class Endable(Protocol):
+    """A live session of any kind, as the registry sees it."""
+
+    @property
+    def expires_at(self) -> float:
+        """When the session's grant ends (epoch seconds)."""
+        ...
+
+    def end(self, reason: str) -> None:
+        """Stop the session: "expired" or "revoked"."""
+        ...
+
+
 class Registry:
-    """Live sessions by grant id, so a revocation can end every one of them.
+    """Live sessions of every kind by grant id, so a revocation can end every one of them.
 
     It also maps the cancel keys the proxy hands its clients to the upstream
     sessions' own keys: a client's cancel request never reaches a server
@@ -135,7 +149,7 @@ class Registry:
     """
 
     def __init__(self) -> None:
-        self._sessions: dict[str, set[Session]] = {}
+        self._sessions: dict[str, set[Endable]] = {}
         self._cancels: dict[tuple[int, int], tuple[str, tuple[int, int]]] = {}
 
     def cancel_key(self, connection: str, upstream: tuple[int, int] | None) -> tuple[int, int]:
@@ -153,11 +167,11 @@ class Registry:
         """Return (connection, upstream key) for a client's cancel key, if live."""
         return self._cancels.get(key)
 
-    def add(self, grant_id: str, session: Session) -> None:
+    def add(self, grant_id: str, session: Endable) -> None:
         """Track session under grant_id."""
         self._sessions.setdefault(grant_id, set()).add(session)
 
-    def remove(self, grant_id: str, session: Session) -> None:
+    def remove(self, grant_id: str, session: Endable) -> None:
         """Stop tracking session."""
         live = self._sessions.get(grant_id)
         if live is not None:
@@ -180,7 +194,7 @@ class Registry:
             if live
         }
 
-    def sessions(self) -> list[Session]:
+    def sessions(self) -> list[Endable]:
         """Every live session."""
         return [session for live in self._sessions.values() for session in live]
 
@@ -293,7 +307,7 @@ class Session:
         token = pgwire.password(body)
         marks = [time.perf_counter()]  # the handshake's phases, for the session's log line
         try:
-            await self.hooks.check(token, connection)
+            await self.hooks.check(token, connection, "postgres")
             marks.append(time.perf_counter())
             redeemed = await self.hooks.redeem(token, connection, self.session_id, client)
             marks.append(time.perf_counter())

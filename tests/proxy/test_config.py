@@ -84,3 +84,70 @@ def test_tls_over_a_unix_socket_is_refused(base: Path) -> None:
     text = GOOD.replace('database = "app"', 'database = "app"\ntls = "require"')
     with pytest.raises(ConfigError, match="Unix socket does not use TLS"):
         config.parse(text, base=base)
+
+
+OTHER_KINDS = """
+[connections.bastion-eu1]
+kind = "ssh"
+host = "bastion.internal"
+user = "jitgate"
+key_file = "secrets/bastion_ed25519"
+host_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMb0pin bastion"
+
+[connections.payments-staging]
+kind = "kubernetes"
+server = "https://k8s.staging.internal:6443/"
+namespace = "payments"
+token_env = "JG_TEST_KUBE_TOKEN"
+ca_file = "staging-ca.pem"
+allow_exec = true
+"""
+
+
+@pytest.fixture
+def kinds_base(base: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (base / "secrets" / "bastion_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nx\n")
+    monkeypatch.setenv("JG_TEST_KUBE_TOKEN", "s3cret-sa-token")
+    return base
+
+
+def test_ssh_and_kubernetes_connections(kinds_base: Path) -> None:
+    found = config.parse(OTHER_KINDS, base=kinds_base)
+    ssh = found["bastion-eu1"]
+    assert isinstance(ssh, config.SshTarget)
+    assert (ssh.host, ssh.port, ssh.user) == ("bastion.internal", 22, "jitgate")
+    assert not ssh.allow_agent_forwarding
+    assert not ssh.allow_port_forwarding
+    kube = found["payments-staging"]
+    assert isinstance(kube, config.KubeTarget)
+    assert kube.server == "https://k8s.staging.internal:6443"
+    assert kube.ca_file == str(kinds_base / "staging-ca.pem")
+    assert (kube.namespace, kube.allow_exec, kube.allow_port_forward) == ("payments", True, False)
+    assert config.of_kind(found, config.Upstream) == {}
+    assert list(config.of_kind(found, config.SshTarget)) == ["bastion-eu1"]
+    # The key and the token are in memory only, never in a repr (and so a log line).
+    assert "PRIVATE KEY" not in repr(found)
+    assert "s3cret" not in repr(found)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('kind = "ssh"', 'kind = "rdp"', "is not one of postgres, ssh, kubernetes"),
+        ('host_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMb0pin bastion"', "", "host_key"),
+        ('"ssh-ed25519 AAAAC3', '"AAAAC3', "host_key: must be an OpenSSH public key"),
+        ('key_file = "secrets/bastion_ed25519"', 'key_env = "X"', "key_env: unknown key"),
+        ('key_file = "secrets/bastion_ed25519"', "", "key_file: required"),
+        ('"https://k8s.staging.internal:6443/"', '"http://k8s"', "server: must be an https"),
+        ('namespace = "payments"', 'namespace = "Pay_ments"', "namespace: must be a DNS-1123"),
+        ("allow_exec = true", 'allow_exec = "yes"', "allow_exec: must be true or false"),
+        ('token_env = "JG_TEST_KUBE_TOKEN"', "", "exactly one of token_file, token_env"),
+        ('ca_file = "staging-ca.pem"', 'database = "x"', "database: unknown key"),
+    ],
+)
+def test_other_kinds_mistakes_name_their_key(
+    kinds_base: Path, old: str, new: str, message: str
+) -> None:
+    assert old in OTHER_KINDS
+    with pytest.raises(ConfigError, match=message):
+        config.parse(OTHER_KINDS.replace(old, new), base=kinds_base)

@@ -66,7 +66,8 @@ async def rig(
     await client.set(grants.grant_key(GRANT_ID), "live", ex=300)
     state = Rig(port=0, proxy=None, publisher=client)  # type: ignore[arg-type]
 
-    async def check(token: str, connection: str) -> Claims:
+    async def check(token: str, connection: str, kind: str) -> Claims:
+        assert kind == "postgres"
         if token == "other":
             raise PermissionDenied("WRONG_CONNECTION", "another connection")
         if token != TOKEN:
