@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck unit protos up bench bench-grant-path bench-verifier bench-audit bench-audit-crash bench-proxy bench-grants bench-soak bench-faults interop clean
+.PHONY: tools demo test check lint typecheck unit protos up bench bench-grant-path bench-verifier bench-audit bench-audit-crash bench-proxy bench-grants bench-soak bench-faults interop clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,15 +12,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# sshd and kubectl, from the distribution's packages where missing (see the script).
+tools:
+	@scripts/system-tools
+
 # Start the whole stack, show an agent getting, being denied and losing a grant.
-demo: $(STAMP)
+demo: $(STAMP) tools
 	$(BIN)/jitgate demo
 
 # Start the stack in the foreground (Ctrl-C stops it).
 up: $(STAMP)
 	$(BIN)/jitgate up
 
-test: check unit
+test: check tools unit
 
 check: lint typecheck
 
