@@ -42,8 +42,12 @@ DEFAULT_PORTS: Mapping[str, int] = {
     "idp": 7447,
     "redis": 7448,
     "proxy": 6432,
+    "proxy-ssh": 2222,
+    "proxy-kube": 6443,
     "postgres": 7449,
 }
+LISTENERS = {"proxy-ssh": "proxy", "proxy-kube": "proxy"}
+"""Ports that are another listener of a process: they go where that process goes."""
 PROXIED_CONNECTION = "orders-replica"
 """The example policy's connection the proxy serves, from the demo PostgreSQL."""
 EXAMPLES = Path(__file__).parent / "examples"
@@ -172,11 +176,11 @@ class Stack:
 
     def address(self, name: str) -> str:
         """host:port others (and the launcher) reach a service at."""
-        return host_port(self.placement(name).host, self.ports[name])
+        return host_port(self.placement(LISTENERS.get(name, name)).host, self.ports[name])
 
     def listen_address(self, name: str) -> str:
         """host:port a service listens on."""
-        return host_port(self.placement(name).bind, self.ports[name])
+        return host_port(self.placement(LISTENERS.get(name, name)).bind, self.ports[name])
 
     @property
     def dev_idp(self) -> bool:
@@ -268,12 +272,16 @@ class Stack:
                 "JITGATE_POLICY_ADDR": self.address("policy"),
                 "JITGATE_REDIS_URL": self.redis_url("issuer"),
                 "JITGATE_PROXY_ENDPOINT": self.address("proxy"),
+                "JITGATE_PROXY_SSH_ENDPOINT": self.address("proxy-ssh"),
+                "JITGATE_PROXY_KUBE_ENDPOINT": f"https://{self.address('proxy-kube')}",
             }
         elif name == "proxy":
             env |= {
                 "JITGATE_POLICY_ADDR": self.address("policy"),
                 "JITGATE_REDIS_URL": self.redis_url("proxy"),
                 "JITGATE_PROXY_CONNECTIONS": str(self.proxy_connections),
+                "JITGATE_PROXY_SSH_LISTEN": self.listen_address("proxy-ssh"),
+                "JITGATE_PROXY_KUBE_LISTEN": self.listen_address("proxy-kube"),
             }
             # Agents are served the proxy's workload certificate, from the dev CA.
             env.pop("JITGATE_PROXY_TLS_CERT", None)
