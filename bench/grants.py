@@ -34,8 +34,18 @@ FLOOR = Path(__file__).with_name("floor.py")
 CONCURRENCY = 32
 """Requests in flight at saturation: enough to keep every process busy."""
 RATES = (100, 200, 400)
+ROLES = ("issuer", "verifier", "policy", "audit")
 
 Call = Callable[[], Awaitable[object]]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -45,6 +55,12 @@ class Run:
     seconds: float
     latencies: list[float] = field(default_factory=list)  # ms, successful calls
     errors: dict[str, int] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+    """CPU seconds each process of the chain used during the phase."""
+
+    def cpu_ms_per_call(self, name: str) -> float:
+        """Milliseconds of a process's CPU per successful call."""
+        return 1000 * self.cpu.get(name, 0.0) / max(1, len(self.latencies))
 
     @property
     def rate(self) -> float:
@@ -108,8 +124,8 @@ async def offer(call: Call, rate: float, seconds: float) -> Run:
 
 
 @contextmanager
-def floor(pki_dir: Path, logs: Path) -> Iterator[str]:
-    """Start the four no-op processes; yield the front's address."""
+def floor(pki_dir: Path, logs: Path) -> Iterator[tuple[str, dict[str, int]]]:
+    """Start the four no-op processes; yield the front's address and their pids by role."""
     ports = {name: free_port() for name in ("issuer", "verifier", "policy", "audit")}
     address = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     roles = [
@@ -131,7 +147,10 @@ def floor(pki_dir: Path, logs: Path) -> Iterator[str]:
             assert process.stdout is not None
             if process.stdout.readline().strip() != b"ready":
                 raise SystemExit(f"floor {role} did not start; see {logs}")
-        yield address["issuer"]
+        yield (
+            address["issuer"],
+            {role: p.pid for (role, _), p in zip(roles, processes, strict=True)},
+        )
     finally:
         for process in processes:
             process.terminate()
@@ -154,7 +173,17 @@ def request_grant(channel: grpc.aio.Channel, token: str) -> Call:
     return lambda: grant(request, metadata=metadata, timeout=5)
 
 
-async def measure(stack: Stack, floor_address: str, seconds: float) -> dict[str, dict[str, Run]]:
+async def metered(pids: dict[str, int], phase: Awaitable[Run]) -> Run:
+    """Run a phase and note the CPU each process in pids used during it."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    run = await phase
+    run.cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    return run
+
+
+async def measure(
+    stack: Stack, floor_address: str, floor_pids: dict[str, int], seconds: float
+) -> dict[str, dict[str, Run]]:
     """Saturation, then each offered rate, on the floor and the real chain alike."""
     token = stack.token("deploy-bot")
     real_channel = issuer_channel(stack)
@@ -173,17 +202,23 @@ async def measure(stack: Stack, floor_address: str, seconds: float) -> dict[str,
         "floor": lambda: noop(payload, metadata=metadata, timeout=5),
         "jitgate": request_grant(real_channel, token),
     }
+    pids = {
+        "floor": floor_pids,
+        "jitgate": {name: stack.processes[name].pid for name in ROLES},
+    }
+    if stack.redis is not None and stack.redis.process is not None:
+        pids["jitgate"]["redis"] = stack.redis.process.pid
     results: dict[str, dict[str, Run]] = {name: {} for name in calls}
     for call in calls.values():  # warm up channels, caches, the JWKS
         await saturate(call, 1.0, 8)
     for name, call in calls.items():
         print(f"saturating {name} …", file=sys.stderr)
-        results[name]["saturation"] = await saturate(call, seconds)
+        results[name]["saturation"] = await metered(pids[name], saturate(call, seconds))
     half = results["floor"]["saturation"].rate / 2
     for rate in (*RATES, half):
         for name, call in calls.items():
             print(f"{name} at {rate:.0f}/s …", file=sys.stderr)
-            results[name][f"{rate:.0f}/s"] = await offer(call, rate, seconds)
+            results[name][f"{rate:.0f}/s"] = await metered(pids[name], offer(call, rate, seconds))
     await real_channel.close()
     await floor_channel.close()
     return results
@@ -218,14 +253,34 @@ def report(results: dict[str, dict[str, Run]], seconds: float) -> None:
         )
 
 
+def report_cpu(results: dict[str, dict[str, Run]]) -> None:
+    """Print each process's CPU per call, floor beside jitgate, at saturation and at 200/s."""
+    phases = [p for p in ("saturation", "200/s") if p in results["jitgate"]]
+    print("\n| ms CPU per call | " + " | ".join(f"floor {p} | jitgate {p}" for p in phases) + " |")
+    print("|---|" + "---|---|" * len(phases))
+    for name in (*ROLES, "redis"):
+        cells = []
+        for phase in phases:
+            low, real = results["floor"][phase], results["jitgate"][phase]
+            floor_cell = f"{low.cpu_ms_per_call(name):.2f}" if name in low.cpu else "-"
+            cells += [floor_cell, f"{real.cpu_ms_per_call(name):.2f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    totals = []
+    for phase in phases:
+        for run in (results["floor"][phase], results["jitgate"][phase]):
+            totals.append(f"{sum(run.cpu_ms_per_call(n) for n in run.cpu):.2f}")
+    print("| all | " + " | ".join(totals) + " |")
+
+
 def main(seconds: float) -> None:
     """Start the stack and the floor, measure, print."""
     with tempfile.TemporaryDirectory(prefix="jitgate-bench-") as name:
         tmp = Path(name)
-        with Stack(tmp / "stack") as stack, floor(stack.pki.root, stack.logs) as front:
+        with Stack(tmp / "stack") as stack, floor(stack.pki.root, stack.logs) as (front, pids):
             pki.init(stack.pki.root)  # the floor's roles use the stack's certificates
-            results = asyncio.run(measure(stack, front, seconds))
+            results = asyncio.run(measure(stack, front, pids, seconds))
     report(results, seconds)
+    report_cpu(results)
 
 
 if __name__ == "__main__":
