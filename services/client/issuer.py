@@ -66,6 +66,8 @@ class Grant:
     expires_at: datetime.datetime
     proxy_endpoint: str
     token: str = field(default="", repr=False)
+    namespace: str = ""
+    """For a kubernetes connection, the one namespace it reaches."""
 
     def as_dict(self) -> dict[str, Any]:
         """Return the grant as JSON-ready data (the token only if present)."""
@@ -78,6 +80,8 @@ class Grant:
             "expires_at": self.expires_at.isoformat(),
             "proxy_endpoint": self.proxy_endpoint,
         }
+        if self.namespace:
+            out["namespace"] = self.namespace
         if self.token:
             out["token"] = self.token
         return out
@@ -97,6 +101,7 @@ def _grant(message: issuer_pb2.Grant) -> Grant:
         expires_at=_time(message.expires_at),
         proxy_endpoint=message.proxy_endpoint,
         token=message.token,
+        namespace=message.namespace,
     )
 
 

@@ -81,6 +81,8 @@ class GrantRecord:
     issued_at: float
     expires_at: float
     proxy_endpoint: str
+    namespace: str = ""
+    """For a kubernetes connection, its one namespace."""
 
     def to_hash(self) -> dict[str, str]:
         """Return the Redis hash fields."""
@@ -93,6 +95,7 @@ class GrantRecord:
             "issued_at": repr(self.issued_at),
             "expires_at": repr(self.expires_at),
             "proxy_endpoint": self.proxy_endpoint,
+            "namespace": self.namespace,
         }
 
     @classmethod
@@ -109,6 +112,7 @@ class GrantRecord:
                 issued_at=float(text["issued_at"]),
                 expires_at=float(text["expires_at"]),
                 proxy_endpoint=text["proxy_endpoint"],
+                namespace=text.get("namespace", ""),  # absent from records stored before it
             )
         except (KeyError, ValueError, UnicodeDecodeError):
             return None

@@ -147,6 +147,7 @@ class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
             token=token,
             proxy_endpoint=record.proxy_endpoint,
             connection_kind=record.connection_kind,
+            namespace=record.namespace,
         )
 
     async def RequestGrant(
@@ -188,6 +189,7 @@ class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
             issued_at=wire.seconds(decision.issued_at),
             expires_at=wire.seconds(decision.expires_at),
             proxy_endpoint=self._settings.endpoint(decision.connection_kind),
+            namespace=decision.namespace,
         )
         # No grant exists until it is live in Redis: if this fails the agent
         # gets UNAVAILABLE and the signed token is never handed out.

@@ -307,6 +307,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             connection_kind=decision.connection.kind,
             subject=identity.subject,
             policy_version=policy.version,
+            namespace=decision.connection.namespace,
         )
 
     async def Revoke(

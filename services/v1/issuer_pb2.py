@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jitgate/v1/issuer.proto\x12\njitgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"N\n\x13RequestGrantRequest\x12\x12\n\nconnection\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xdd\x01\n\x05Grant\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x12\n\nconnection\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12-\n\tissued_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05token\x18\x06 \x01(\t\x12\x16\n\x0eproxy_endpoint\x18\x07 \x01(\t\x12\x17\n\x0f\x63onnection_kind\x18\x08 \x01(\t\"#\n\x0fGetGrantRequest\x12\x10\n\x08grant_id\x18\x01 \x01(\t\"\x13\n\x11ListGrantsRequest\"7\n\x12ListGrantsResponse\x12!\n\x06grants\x18\x01 \x03(\x0b\x32\x11.jitgate.v1.Grant\"6\n\x12RevokeGrantRequest\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"E\n\x13RevokeGrantResponse\x12.\n\nrevoked_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xa5\x02\n\x06Issuer\x12\x42\n\x0cRequestGrant\x12\x1f.jitgate.v1.RequestGrantRequest\x1a\x11.jitgate.v1.Grant\x12:\n\x08GetGrant\x12\x1b.jitgate.v1.GetGrantRequest\x1a\x11.jitgate.v1.Grant\x12K\n\nListGrants\x12\x1d.jitgate.v1.ListGrantsRequest\x1a\x1e.jitgate.v1.ListGrantsResponse\x12N\n\x0bRevokeGrant\x12\x1e.jitgate.v1.RevokeGrantRequest\x1a\x1f.jitgate.v1.RevokeGrantResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jitgate/v1/issuer.proto\x12\njitgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"N\n\x13RequestGrantRequest\x12\x12\n\nconnection\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xf0\x01\n\x05Grant\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x12\n\nconnection\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12-\n\tissued_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05token\x18\x06 \x01(\t\x12\x16\n\x0eproxy_endpoint\x18\x07 \x01(\t\x12\x17\n\x0f\x63onnection_kind\x18\x08 \x01(\t\x12\x11\n\tnamespace\x18\t \x01(\t\"#\n\x0fGetGrantRequest\x12\x10\n\x08grant_id\x18\x01 \x01(\t\"\x13\n\x11ListGrantsRequest\"7\n\x12ListGrantsResponse\x12!\n\x06grants\x18\x01 \x03(\x0b\x32\x11.jitgate.v1.Grant\"6\n\x12RevokeGrantRequest\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"E\n\x13RevokeGrantResponse\x12.\n\nrevoked_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xa5\x02\n\x06Issuer\x12\x42\n\x0cRequestGrant\x12\x1f.jitgate.v1.RequestGrantRequest\x1a\x11.jitgate.v1.Grant\x12:\n\x08GetGrant\x12\x1b.jitgate.v1.GetGrantRequest\x1a\x11.jitgate.v1.Grant\x12K\n\nListGrants\x12\x1d.jitgate.v1.ListGrantsRequest\x1a\x1e.jitgate.v1.ListGrantsResponse\x12N\n\x0bRevokeGrant\x12\x1e.jitgate.v1.RevokeGrantRequest\x1a\x1f.jitgate.v1.RevokeGrantResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTGRANTREQUEST']._serialized_start=72
   _globals['_REQUESTGRANTREQUEST']._serialized_end=150
   _globals['_GRANT']._serialized_start=153
-  _globals['_GRANT']._serialized_end=374
-  _globals['_GETGRANTREQUEST']._serialized_start=376
-  _globals['_GETGRANTREQUEST']._serialized_end=411
-  _globals['_LISTGRANTSREQUEST']._serialized_start=413
-  _globals['_LISTGRANTSREQUEST']._serialized_end=432
-  _globals['_LISTGRANTSRESPONSE']._serialized_start=434
-  _globals['_LISTGRANTSRESPONSE']._serialized_end=489
-  _globals['_REVOKEGRANTREQUEST']._serialized_start=491
-  _globals['_REVOKEGRANTREQUEST']._serialized_end=545
-  _globals['_REVOKEGRANTRESPONSE']._serialized_start=547
-  _globals['_REVOKEGRANTRESPONSE']._serialized_end=616
-  _globals['_ISSUER']._serialized_start=619
-  _globals['_ISSUER']._serialized_end=912
+  _globals['_GRANT']._serialized_end=393
+  _globals['_GETGRANTREQUEST']._serialized_start=395
+  _globals['_GETGRANTREQUEST']._serialized_end=430
+  _globals['_LISTGRANTSREQUEST']._serialized_start=432
+  _globals['_LISTGRANTSREQUEST']._serialized_end=451
+  _globals['_LISTGRANTSRESPONSE']._serialized_start=453
+  _globals['_LISTGRANTSRESPONSE']._serialized_end=508
+  _globals['_REVOKEGRANTREQUEST']._serialized_start=510
+  _globals['_REVOKEGRANTREQUEST']._serialized_end=564
+  _globals['_REVOKEGRANTRESPONSE']._serialized_start=566
+  _globals['_REVOKEGRANTRESPONSE']._serialized_end=635
+  _globals['_ISSUER']._serialized_start=638
+  _globals['_ISSUER']._serialized_end=931
 # @@protoc_insertion_point(module_scope)

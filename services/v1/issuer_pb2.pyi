@@ -61,6 +61,7 @@ class Grant(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     PROXY_ENDPOINT_FIELD_NUMBER: _builtins.int
     CONNECTION_KIND_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
     grant_id: _builtins.str
     connection: _builtins.str
     subject: _builtins.str
@@ -71,6 +72,8 @@ class Grant(_message.Message):
     """Where to present the token, as host:port."""
     connection_kind: _builtins.str
     """The connection's kind: "postgres", "ssh" or "kubernetes"."""
+    namespace: _builtins.str
+    """For a kubernetes connection, the one namespace it reaches; else empty."""
     @_builtins.property
     def issued_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -86,10 +89,11 @@ class Grant(_message.Message):
         token: _builtins.str = ...,
         proxy_endpoint: _builtins.str = ...,
         connection_kind: _builtins.str = ...,
+        namespace: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "issued_at", b"issued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "connection_kind", b"connection_kind", "expires_at", b"expires_at", "grant_id", b"grant_id", "issued_at", b"issued_at", "proxy_endpoint", b"proxy_endpoint", "subject", b"subject", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "connection_kind", b"connection_kind", "expires_at", b"expires_at", "grant_id", b"grant_id", "issued_at", b"issued_at", "namespace", b"namespace", "proxy_endpoint", b"proxy_endpoint", "subject", b"subject", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -70,6 +70,7 @@ class Decision(_message.Message):
     CONNECTION_KIND_FIELD_NUMBER: _builtins.int
     SUBJECT_FIELD_NUMBER: _builtins.int
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     reason_code: _builtins.str
     """"ALLOWED" for an allow decision."""
@@ -83,6 +84,8 @@ class Decision(_message.Message):
     subject: _builtins.str
     policy_version: _builtins.str
     """SHA-256 of the policy file the decision was made under."""
+    namespace: _builtins.str
+    """For a kubernetes connection, the one namespace it reaches; else empty."""
     @_builtins.property
     def binding(self) -> _types_pb2.Binding: ...
     @_builtins.property
@@ -103,10 +106,11 @@ class Decision(_message.Message):
         connection_kind: _builtins.str = ...,
         subject: _builtins.str = ...,
         policy_version: _builtins.str = ...,
+        namespace: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["binding", b"binding", "expires_at", b"expires_at", "issued_at", b"issued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "binding", b"binding", "connection", b"connection", "connection_kind", b"connection_kind", "expires_at", b"expires_at", "grant_id", b"grant_id", "grant_token", b"grant_token", "issued_at", b"issued_at", "policy_version", b"policy_version", "reason_code", b"reason_code", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "binding", b"binding", "connection", b"connection", "connection_kind", b"connection_kind", "expires_at", b"expires_at", "grant_id", b"grant_id", "grant_token", b"grant_token", "issued_at", b"issued_at", "namespace", b"namespace", "policy_version", b"policy_version", "reason_code", b"reason_code", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
