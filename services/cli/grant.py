@@ -2,11 +2,14 @@
 
 Exit codes tell outcomes apart for scripts: 0 done, 3 denied, 4 token rejected,
 5 jitgate unavailable, 6 no such grant, 2 a malformed request or a usage error.
+`request` keeps each grant, token included, in the private local store
+(jitgate.client.store) until it expires; `kubeconfig` reads it from there.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -23,7 +26,9 @@ from jitgate.client import (
     IssuerClient,
     NotFound,
     Unauthenticated,
+    kubeconfig,
 )
+from jitgate.client.store import GrantStore
 from jitgate.common import tls
 from jitgate.common.config import Env
 from jitgate.common.errors import ConfigError
@@ -84,6 +89,27 @@ def register(verbs: Any) -> None:
     )
     revoke.add_argument("--reason", default="")
     revoke.set_defaults(func=run)
+    kube = sub.add_parser(
+        "kubeconfig",
+        help="write a kubeconfig for one of your kubernetes grants",
+        description="Write a kubeconfig whose API server is the jitgate proxy and whose bearer"
+        " token is the grant (requested with `jitgate grant request` on this machine, which"
+        " keeps it in $JITGATE_HOME/grants until it expires). It holds no cluster credential.",
+    )
+    kube.add_argument("grant_id")
+    kube.add_argument("-o", "--output", type=Path, help="file to write (mode 0600); default stdout")
+    kube.add_argument(
+        "--ca",
+        type=Path,
+        default=os.environ.get("JITGATE_CA"),
+        help="CA bundle for the proxy's certificate ($JITGATE_CA; default: system trust)",
+    )
+    kube.add_argument(
+        "-n",
+        "--namespace",
+        help="the context's namespace (default: the grant's own)",
+    )
+    kube.set_defaults(func=write_kubeconfig)
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -106,6 +132,8 @@ def _show(grant: Grant, as_json: bool) -> None:
         return
     print(f"grant {grant.grant_id}")
     print(f"  connection  {grant.connection} ({grant.connection_kind})")
+    if grant.namespace:
+        print(f"  namespace   {grant.namespace}")
     print(f"  subject     {grant.subject}")
     print(f"  expires     {grant.expires_at:%Y-%m-%d %H:%M:%S} UTC")
     print(f"  proxy       {grant.proxy_endpoint}")
@@ -138,6 +166,7 @@ def _fail(error: GrantError, as_json: bool) -> int:
 def _act(client: IssuerClient, args: argparse.Namespace) -> None:
     if args.action == "request":
         grant = client.request_grant(args.connection, ttl_seconds=args.ttl, reason=args.reason)
+        _keep(grant)
         _show(grant, args.json)
     elif args.action == "get":
         _show(client.get_grant(args.grant_id), args.json)
@@ -150,10 +179,59 @@ def _act(client: IssuerClient, args: argparse.Namespace) -> None:
             print(f"{g.grant_id}  {g.connection:<24} expires {g.expires_at:%H:%M:%S} UTC")
     else:
         revoked = client.revoke_grant(args.grant_id, reason=args.reason)
+        GrantStore().forget(args.grant_id)
         if args.json:
             print(json.dumps({"grant_id": args.grant_id, "revoked_at": revoked.isoformat()}))
         else:
             print(f"revoked {args.grant_id} at {revoked:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def _keep(grant: Grant) -> None:
+    """Store the grant with its token for later commands (kubeconfig); warn if it cannot be."""
+    try:
+        GrantStore().save(grant)
+    except (OSError, ValueError) as exc:
+        print(f"jitgate: warning: grant not stored locally: {exc}", file=sys.stderr)
+
+
+def write_kubeconfig(args: argparse.Namespace) -> int:
+    """Write the kubeconfig of a stored kubernetes grant; 6 if none is live, 2 if not kubernetes."""
+    store = GrantStore()
+    store.prune()
+    try:
+        grant = store.load(args.grant_id)
+    except ValueError:
+        grant = None
+    now = datetime.datetime.now(datetime.UTC)
+    if grant is None or grant.expires_at <= now:
+        print(
+            f"jitgate: not_found: no live grant {args.grant_id[:64]} stored here: request one"
+            " with `jitgate grant request CONNECTION` (grants expire, and are kept only where"
+            " they were requested)",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_FOUND
+    try:
+        ca = args.ca.read_bytes() if args.ca is not None else None
+    except OSError as exc:
+        raise ConfigError(f"cannot read CA bundle {args.ca}: {exc.strerror}") from exc
+    try:
+        text = kubeconfig.render(grant, ca_pem=ca, namespace=args.namespace)
+    except ValueError as exc:
+        print(f"jitgate: invalid_argument: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.output is None or str(args.output) == "-":
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an existing file is narrowed too: it holds the token
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {args.output}: {exc.strerror}") from exc
+    print(f"wrote {args.output} (grant {grant.grant_id}, expires {grant.expires_at:%H:%M:%S} UTC)")
+    return EXIT_OK
 
 
 def _operator(args: argparse.Namespace) -> bool:
