@@ -1,9 +1,15 @@
-"""`jitgate demo`: start the stack, and show an agent get, be denied and lose a grant."""
+"""`jitgate demo`: start the stack, and show an agent get, be denied and lose a grant.
+
+Then a second agent runs a command on an SSH host through the proxy with the
+stock ssh client: its grant is its password, the proxy's key stays the proxy's.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -21,10 +27,12 @@ from jitgate.audit.store import SqliteStore, iter_checkpoints, iter_records
 from jitgate.client import Denied, Grant, IssuerClient, Unauthenticated
 from jitgate.common import tls
 from jitgate.devstack import idp
-from jitgate.devstack.stack import Stack
+from jitgate.devstack.stack import SSH_CONNECTION, Stack
 from jitgate.v1 import audit_pb2, audit_pb2_grpc
 
 AGENT = "deploy-bot"
+SSH_AGENT = "ops-bot"
+SSH_COMMAND = 'echo "$(whoami)@$(hostname): $(uname -sr)"'
 SUMMARY = "SELECT count(*), sum(total_cents) FROM orders"
 Say = Callable[[str], None]
 
@@ -96,30 +104,96 @@ def _ended_by_revocation(conn: psycopg.Connection[tuple[object, ...]], revoked_a
     raise DemoFailed("the proxy session outlived its grant's revocation by a second")
 
 
+def _ssh_through_proxy(stack: Stack, grant: Grant, workdir: Path) -> str:
+    """Run SSH_COMMAND with the stock ssh client: no key of its own, the grant from SSH_ASKPASS."""
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        raise DemoFailed("no ssh client: run `make tools`")
+    secret = workdir / "grant-token"
+    secret.write_text(grant.token)
+    secret.chmod(0o600)
+    askpass = workdir / "askpass"
+    askpass.write_text(f"#!/bin/sh\nexec cat {secret}\n")
+    askpass.chmod(0o700)
+    env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force"}
+    env.pop("SSH_AUTH_SOCK", None)
+    host, _, port = grant.proxy_endpoint.rpartition(":")
+    options = {
+        "UserKnownHostsFile": str(stack.agent_known_hosts),
+        "StrictHostKeyChecking": "yes",
+        "PubkeyAuthentication": "no",
+        "IdentityAgent": "none",
+        "NumberOfPasswordPrompts": "1",
+    }
+    done = subprocess.run(
+        [
+            ssh,
+            "-F",
+            "none",
+            "-p",
+            port,
+            *(f"-o{name}={value}" for name, value in options.items()),
+            f"{grant.connection}@{host}",
+            SSH_COMMAND,
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise DemoFailed(f"ssh through the proxy failed ({done.returncode}): {done.stderr.strip()}")
+    key = stack.proxy_ssh_client_key.read_text().strip().splitlines()
+    if "".join(key[1:-1]) in done.stdout + done.stderr:
+        raise DemoFailed("the proxy's SSH key reached the agent")
+    return done.stdout.strip()
+
+
+def _ssh_step(stack: Stack, say: Say) -> None:
+    """An agent in sre gets a grant for the bastion and runs a command there over SSH."""
+    token = stack.token(SSH_AGENT)
+    with IssuerClient(stack.address("issuer"), token=token, ca_file=stack.pki.ca) as agent:
+        reason = "check the bastion's kernel"
+        grant = agent.request_grant(SSH_CONNECTION, ttl_seconds=60, reason=reason)
+        say(f'[8/9] {SSH_AGENT} (group sre) asks for {SSH_CONNECTION} for 60 s: "{reason}"')
+        say(f"      ALLOWED  grant {grant.grant_id}; the stock ssh client, no key of its own:")
+        host, _, port = grant.proxy_endpoint.rpartition(":")
+        say(f"      ssh -p {port} {grant.connection}@{host} '{SSH_COMMAND}'")
+        with tempfile.TemporaryDirectory(prefix="jitgate-demo-ssh-") as workdir:
+            output = _ssh_through_proxy(stack, grant, Path(workdir))
+        for line in output.splitlines():
+            say(f"      > {line}")
+        say("      the grant was the password; the proxy logged in upstream with its own key,")
+        say("      checking the host's pinned host key: the SSH key never left the proxy")
+        agent.revoke_grant(grant.grant_id, reason="done")
+
+
 def _steps(stack: Stack, say: Say) -> None:
     token = stack.token(AGENT)
     groups = jwt.decode(token, options={"verify_signature": False}).get("groups")
-    say(f"[2/8] {AGENT} authenticates to the IdP (client credentials); groups: {groups}")
+    say(f"[2/9] {AGENT} authenticates to the IdP (client credentials); groups: {groups}")
     with IssuerClient(stack.address("issuer"), token=token, ca_file=stack.pki.ca) as agent:
-        say(f'[3/8] {AGENT} asks for orders-replica for 120 s: "investigate slow order queries"')
+        say(f'[3/9] {AGENT} asks for orders-replica for 120 s: "investigate slow order queries"')
         grant = agent.request_grant(
             "orders-replica", ttl_seconds=120, reason="investigate slow order queries"
         )
         left = grant.expires_at.timestamp() - time.time()
         say(f"      ALLOWED  grant {grant.grant_id} for {grant.connection}, {left:.0f} s left")
         say(f"      the grant token names one connection: {_scope(grant)}")
-        say(f"[4/8] {AGENT} connects to {grant.proxy_endpoint} (the proxy) over TLS with the")
+        say(f"[4/9] {AGENT} connects to {grant.proxy_endpoint} (the proxy) over TLS with the")
         say("      grant token as its password; the proxy logs in upstream as a read-only role")
         session = _proxy_session(stack, grant)
         try:
             _query_through_proxy(session, say)
-            say(f"[5/8] {AGENT} asks for billing-primary")
+            say(f"[5/9] {AGENT} asks for billing-primary")
             try:
                 agent.request_grant("billing-primary", reason="refund a customer")
                 raise DemoFailed("billing-primary was granted to a group with no binding for it")
             except Denied as denied:
                 say(f"      DENIED   {denied.reason}: {denied.message}")
-            say("[6/8] a forged token (attacker's key, the IdP's kid) asks for orders-replica")
+            say("[6/9] a forged token (attacker's key, the IdP's kid) asks for orders-replica")
             forged = IssuerClient(
                 stack.address("issuer"), token=_forged_token(token), ca_file=stack.pki.ca
             )
@@ -130,7 +204,7 @@ def _steps(stack: Stack, say: Say) -> None:
                 except Unauthenticated as rejected:
                     say(f"      REJECTED UNAUTHENTICATED: {rejected}")
             live = agent.list_grants()
-            say(f"[7/8] {AGENT} lists its grants: {[g.grant_id for g in live]}")
+            say(f"[7/9] {AGENT} lists its grants: {[g.grant_id for g in live]}")
             if [g.grant_id for g in live] != [grant.grant_id]:
                 raise DemoFailed("the live grant is not listed")
             agent.revoke_grant(grant.grant_id, reason="done investigating")
@@ -143,23 +217,25 @@ def _steps(stack: Stack, say: Say) -> None:
             say(f"      the open proxy session's next query fails: {ended}")
         finally:
             session.close()
+    _ssh_step(stack, say)
     # The proxy reports a session's end after closing it, through policy:
-    # give that record a moment to land before reading the log.
+    # give both records (PostgreSQL's and SSH's) a moment to land before reading the log.
     deadline = time.monotonic() + 3
     kinds = _audit_kinds(stack)
-    while "session_closed" not in kinds and time.monotonic() < deadline:
+    while kinds["session_closed"] < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
         kinds = _audit_kinds(stack)
-    say(f"[8/8] the audit log, read as the auditor: {json.dumps(dict(sorted(kinds.items())))}")
+    say(f"[9/9] the audit log, read as the auditor: {json.dumps(dict(sorted(kinds.items())))}")
 
 
 def run(say: Say = print) -> int:
     """Run the demo in a temporary directory; 0 when every step behaved as promised."""
     with tempfile.TemporaryDirectory(prefix="jitgate-demo-") as tmp:
         stack = Stack(Path(tmp), redis_url=os.environ.get("REDIS_URL"))
-        say("jitgate demo: one agent, one connection, one short-lived grant")
+        say("jitgate demo: agents, connections, short-lived grants")
         started = time.monotonic()
-        say("[1/8] starting redis, postgres, the dev IdP, audit, verifier, policy, issuer, proxy")
+        say("[1/9] starting redis, postgres, sshd, the dev IdP, audit, verifier, policy, issuer,")
+        say("      proxy")
         try:
             stack.start()
             took = time.monotonic() - started

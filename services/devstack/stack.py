@@ -30,6 +30,7 @@ from jitgate.common.identity import DEFAULT_TRUST_DOMAIN
 from jitgate.devstack import children, idp, pki
 from jitgate.devstack.postgres_server import DemoPostgres
 from jitgate.devstack.redis_server import RedisServer, free_port, provision
+from jitgate.devstack.sshd_server import DemoSshd, ensure_key, public_key
 from jitgate.policy import keyring
 
 SERVICES = ("audit", "verifier", "policy", "issuer")
@@ -45,11 +46,14 @@ DEFAULT_PORTS: Mapping[str, int] = {
     "proxy-ssh": 2222,
     "proxy-kube": 6443,
     "postgres": 7449,
+    "sshd": 7450,
 }
 LISTENERS = {"proxy-ssh": "proxy", "proxy-kube": "proxy"}
 """Ports that are another listener of a process: they go where that process goes."""
 PROXIED_CONNECTION = "orders-replica"
 """The example policy's connection the proxy serves, from the demo PostgreSQL."""
+SSH_CONNECTION = "bastion-eu1"
+"""The example policy's SSH connection the proxy serves, from the demo sshd."""
 EXAMPLES = Path(__file__).parent / "examples"
 PLACEABLE = ("issuer", "verifier", "policy", "audit", "proxy", "idp", "redis")
 """The processes a Placement can move; Redis only to another address (no prefix)."""
@@ -84,13 +88,13 @@ def host_port(host: str, port: int) -> str:
 
 
 class Stack:
-    """Redis, PostgreSQL, the dev IdP, audit, verifier, policy, issuer and proxy: processes.
+    """Redis, PostgreSQL, an sshd, the dev IdP, audit, verifier, policy, issuer, proxy: processes.
 
     With oidc_issuer set, the verifier trusts that issuer instead (its TLS
     checked against oidc_ca_bundle, or the system's CAs when that is None) and
     the dev IdP is not started: for trying jitgate against another OIDC provider.
     With upstreams set (a connections.toml), the proxy serves those real
-    servers and no demo PostgreSQL is started.
+    servers and no demo PostgreSQL or sshd is started.
     With placements set, the named processes run where their Placement says;
     the others on loopback beside the launcher, which must reach them all.
     """
@@ -127,6 +131,7 @@ class Stack:
         self.redis: RedisServer | None = None
         self.redis_users: dict[str, str] = {}
         self.postgres: DemoPostgres | None = None
+        self.sshd: DemoSshd | None = None
 
     # Paths and addresses -------------------------------------------------
 
@@ -164,6 +169,21 @@ class Stack:
     def proxy_connections(self) -> Path:
         """The proxy's connections.toml: the one given, else the demo's, written at each start."""
         return self.upstreams or self.state / "proxy" / "connections.toml"
+
+    @property
+    def proxy_ssh_client_key(self) -> Path:
+        """The key the proxy logs in to SSH hosts with: it never leaves the proxy."""
+        return self.state / "ssh" / "proxy_client_ed25519"
+
+    @property
+    def proxy_ssh_host_key(self) -> Path:
+        """The host key of the proxy's SSH listener, which agents verify."""
+        return self.state / "ssh" / "proxy_host_ed25519"
+
+    @property
+    def agent_known_hosts(self) -> Path:
+        """A known_hosts file naming the proxy's SSH listener, for agents' ssh clients."""
+        return self.state / "ssh" / "known_hosts"
 
     @property
     def postgres_password_file(self) -> Path:
@@ -221,12 +241,22 @@ class Stack:
             self.audit_vkey.write_text(
                 checkpoint.verifier_key_string(default_origin(DEFAULT_TRUST_DOMAIN), public) + "\n"
             )
+        self._prepare_ssh()
         for target, example in (
             (self.policy_file, EXAMPLES / "policy.toml"),
             (self.agents_file, EXAMPLES / "agents.toml"),
         ):
             if not target.exists():
                 shutil.copyfile(example, target)
+
+    def _prepare_ssh(self) -> None:
+        """The proxy's two SSH keys (created once) and the agents' known_hosts for its listener."""
+        ensure_key(self.proxy_ssh_client_key, "jitgate-proxy")
+        host_key = public_key(ensure_key(self.proxy_ssh_host_key, "jitgate-proxy-ssh"))
+        host, port = self.placement("proxy").host, self.ports["proxy-ssh"]
+        # ssh(1) names a host on another port than 22 as [host]:port in known_hosts.
+        name = host if port == 22 else f"[{host}]:{port}"
+        self.agent_known_hosts.write_text(f"{name} {host_key}\n")
 
     def _env(self, name: str) -> dict[str, str]:
         files = self.pki.files(name)
@@ -281,6 +311,7 @@ class Stack:
                 "JITGATE_REDIS_URL": self.redis_url("proxy"),
                 "JITGATE_PROXY_CONNECTIONS": str(self.proxy_connections),
                 "JITGATE_PROXY_SSH_LISTEN": self.listen_address("proxy-ssh"),
+                "JITGATE_PROXY_SSH_HOST_KEY": str(self.proxy_ssh_host_key),
                 "JITGATE_PROXY_KUBE_LISTEN": self.listen_address("proxy-kube"),
             }
             # Agents are served the proxy's workload certificate, from the dev CA.
@@ -318,6 +349,7 @@ class Stack:
             else:
                 self.redis_users = provision(self.external_redis)
             self._start_postgres()
+            self._start_sshd()
             if self.dev_idp:
                 self._start_dev_idp(timeout=timeout)
             for name in SERVICES:
@@ -341,6 +373,21 @@ class Stack:
         )
         self.postgres.start()
         self.proxy_connections.write_text(self.postgres.connections_toml(PROXIED_CONNECTION))
+
+    def _start_sshd(self) -> None:
+        """Start the demo sshd and add its connection to the demo connections.toml."""
+        if self.upstreams is not None:
+            return
+        self.sshd = DemoSshd(
+            workdir=self.state / "sshd",
+            authorized_key=self.proxy_ssh_client_key.with_name(
+                self.proxy_ssh_client_key.name + ".pub"
+            ).read_text(),
+            port=self.ports.get("sshd"),
+        )
+        self.sshd.start()
+        with self.proxy_connections.open("a") as out:
+            out.write("\n" + self.sshd.connections_toml(SSH_CONNECTION, self.proxy_ssh_client_key))
 
     def wait_listening(self, name: str, *, timeout: float) -> None:
         """Wait until name accepts TCP connections (the proxy has no health service)."""
@@ -438,12 +485,15 @@ class Stack:
             children.stop(process, timeout=timeout)
 
     def stop(self) -> None:
-        """Stop every process, newest first, then PostgreSQL and Redis."""
+        """Stop every process, newest first, then PostgreSQL, sshd and Redis."""
         for name in reversed(list(self.processes)):
             self.stop_service(name)
         if self.postgres is not None:
             self.postgres.stop()
             self.postgres = None
+        if self.sshd is not None:
+            self.sshd.stop()
+            self.sshd = None
         if self.redis is not None:
             self.redis.stop()
             self.redis = None

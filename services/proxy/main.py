@@ -99,6 +99,40 @@ def frontends(
     served: list[Frontend] = []
     # Each kind's front end is added here; its listener starts only when
     # connections.toml names a connection of that kind.
+    hosts = config.of_kind(connections, config.SshTarget)
+    if hosts:
+        from jitgate.proxy.ssh import DEFAULT_LISTEN as SSH_LISTEN
+        from jitgate.proxy.ssh import SshFrontend
+
+        served.append(
+            SshFrontend(
+                gate=gate,
+                targets=hosts,
+                host_key=env.path("JITGATE_PROXY_SSH_HOST_KEY"),
+                listen=env.address("JITGATE_PROXY_SSH_LISTEN", SSH_LISTEN),
+            )
+        )
+    namespaces = config.of_kind(connections, config.KubeTarget)
+    if namespaces:
+        from jitgate.proxy.kube import DEFAULT_LISTEN as KUBE_LISTEN
+        from jitgate.proxy.kube import KubeFrontend
+
+        # A context of its own, the same certificate: ALPN offers HTTP/1.1
+        # only (RFC 7301), so kubectl does not try HTTP/2, and the PostgreSQL
+        # listener's context is left as it is.
+        kube_tls = agent_tls(
+            env.optional("JITGATE_PROXY_TLS_CERT") or str(env.tls().cert),
+            env.optional("JITGATE_PROXY_TLS_KEY") or str(env.tls().key),
+        )
+        kube_tls.set_alpn_protocols(["http/1.1"])
+        served.append(
+            KubeFrontend(
+                gate=gate,
+                targets=namespaces,
+                tls=kube_tls,
+                listen=env.address("JITGATE_PROXY_KUBE_LISTEN", KUBE_LISTEN),
+            )
+        )
     return served
 
 

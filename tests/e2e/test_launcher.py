@@ -76,8 +76,9 @@ def test_demo_walks_the_whole_path_and_leaves_nothing_running(tmp_path: Path) ->
         "REJECTED UNAUTHENTICATED",
         "live grants now: []",
         "next query fails: 'jitgate: grant revoked'",
-        '"redemption": 1, "revocation": 1, "session_closed": 1',
-        "checkpoints valid, 6/6 records valid",
+        "SSH key never left the proxy",
+        '"redemption": 2, "revocation": 2, "session_closed": 2',
+        "checkpoints valid, 10/10 records valid",
     ):
         assert expected in out, out
     assert _processes_mentioning(str(tmp_path)) == []
@@ -121,7 +122,7 @@ def test_up_serves_until_sigterm_then_stops_everything(tmp_path: Path) -> None:
                 break
         assert any("jitgate is up" in line for line in lines), "".join(lines)
         children = _children(up.pid)
-        assert len(children) == 8  # redis, postgres, the dev IdP, four services and the proxy
+        assert len(children) == 9  # redis, postgres, sshd, the dev IdP, four services, the proxy
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=30) == 0
     finally:

@@ -1,0 +1,147 @@
+"""Port forwarding through the upstream host, for connections that allow it (RFC 4254 section 7).
+
+A forwarded TCP connection is two SSH channels, one on the agent's connection
+and one on the upstream's, joined by a pair of Tunnels that relay bytes (and
+count them into the session's totals), EOF, close and flow control.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+if TYPE_CHECKING:
+    from asyncssh.channel import SSHChannel
+
+
+class Tunnel(asyncssh.SSHTCPSession[bytes]):
+    """One side of a forwarded connection: what its channel receives goes to the peer's."""
+
+    def __init__(self, count: Callable[[int], None]) -> None:
+        """A side whose received bytes are counted with count."""
+        self._count = count
+        self._chan: SSHChannel[bytes] | None = None
+        self._peer: Tunnel | None = None
+        self._held: list[bytes] = []
+        self._eof_held = False
+
+    @classmethod
+    def pair(
+        cls, received_here: Callable[[int], None], received_there: Callable[[int], None]
+    ) -> tuple[Tunnel, Tunnel]:
+        """Two joined sides, each counting what it receives."""
+        here, there = cls(received_here), cls(received_there)
+        here._peer, there._peer = there, here
+        return here, there
+
+    def connection_made(self, chan: SSHChannel[bytes]) -> None:
+        """The channel is open: pass on what the peer sent before it was."""
+        self._chan = chan
+        with contextlib.suppress(OSError):
+            for data in self._held:
+                chan.write(data)
+            if self._eof_held:
+                chan.write_eof()
+        self._held.clear()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        """Relay data to the peer."""
+        self._count(len(data))
+        if self._peer is not None:
+            self._peer.send(data)
+
+    def eof_received(self) -> bool:
+        """Half-close the peer too; keep this side open for the reply."""
+        if self._peer is not None:
+            self._peer.send_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """This side closed: close the peer."""
+        if self._peer is not None:
+            self._peer.close()
+
+    def pause_writing(self) -> None:
+        """This channel's window is full: stop reading from the peer."""
+        if self._peer is not None and self._peer._chan is not None:
+            self._peer._chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        """This channel takes data again: read from the peer again."""
+        if self._peer is not None and self._peer._chan is not None:
+            self._peer._chan.resume_reading()
+
+    def send(self, data: bytes) -> None:
+        """Write data to this side's channel (held until it opens)."""
+        if self._chan is None:
+            self._held.append(data)
+            return
+        with contextlib.suppress(OSError):
+            self._chan.write(data)
+
+    def send_eof(self) -> None:
+        """Half-close this side's channel."""
+        if self._chan is None:
+            self._eof_held = True
+            return
+        with contextlib.suppress(OSError):
+            self._chan.write_eof()
+
+    def close(self) -> None:
+        """Close this side's channel."""
+        if self._chan is not None:
+            self._chan.close()
+
+
+async def direct(
+    upstream: asyncssh.SSHClientConnection,
+    destination: tuple[str, int],
+    origin: tuple[str, int],
+    count: tuple[Callable[[int], None], Callable[[int], None]],
+) -> Tunnel:
+    """direct-tcpip (RFC 4254 section 7.2): the host opens the connection; return the agent's side.
+
+    count is (bytes from the agent, bytes to the agent).
+    """
+    agent_side, upstream_side = Tunnel.pair(*count)
+    try:
+        await upstream.create_connection(
+            lambda: upstream_side, *destination, *origin, encoding=None
+        )
+    except (asyncssh.Error, OSError):
+        raise asyncssh.ChannelOpenError(
+            asyncssh.OPEN_CONNECT_FAILED, "the host could not open that connection"
+        ) from None
+    return agent_side
+
+
+async def remote(
+    upstream: asyncssh.SSHClientConnection,
+    agent: asyncssh.SSHServerConnection,
+    listen: tuple[str, int],
+    count: tuple[Callable[[int], None], Callable[[int], None]],
+) -> asyncssh.SSHListener:
+    """tcpip-forward (RFC 4254 section 7.1): the host listens; each connection comes to the agent.
+
+    count is (bytes from the agent, bytes to the agent).
+    """
+    host, port = listen
+
+    async def accept(orig_host: str, orig_port: int) -> Tunnel:
+        """A connection to the host's listener: open a channel to the agent for it."""
+        agent_side, upstream_side = Tunnel.pair(*count)
+        # The agent matches the channel to its request by the address it asked for.
+        await agent.create_connection(
+            lambda: agent_side, host, port, orig_host, orig_port, encoding=None
+        )
+        return upstream_side
+
+    try:
+        listener = await upstream.create_server(accept, host, port, encoding=None)
+    except (asyncssh.Error, asyncssh.ChannelListenError) as exc:
+        raise OSError(f"the host refused to listen: {exc}") from None
+    port = listener.get_port()
+    return listener

@@ -1,0 +1,485 @@
+"""The SSH front end against a real OpenSSH sshd: agents see only their grant, never the key."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from jitgate.common.errors import ConfigError, PermissionDenied, Unauthenticated, Unavailable
+from jitgate.devstack.sshd_server import DemoSshd, create_key, public_key
+from jitgate.proxy.config import SshTarget
+from jitgate.proxy.gate import Gate
+from jitgate.proxy.grantcheck import Claims
+from jitgate.proxy.session import Redeemed, Registry, Relay
+from jitgate.proxy.ssh import SshFrontend
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "grant.token.ok"  # what the fake check accepts
+GRANT_ID = "cd" * 16
+
+
+@dataclass(frozen=True)
+class Host:
+    sshd: DemoSshd
+    client_key: Path
+    proxy_host_key: Path
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    """A real sshd that lets in only the proxy's client key."""
+    keys = tmp_path_factory.mktemp("ssh-keys")
+    client = keys / "proxy_client_ed25519"
+    authorized = create_key(client, "jitgate-proxy")
+    create_key(keys / "proxy_host_ed25519", "jitgate-proxy-host")
+    sshd = DemoSshd(workdir=tmp_path_factory.mktemp("sshd"), authorized_key=authorized)
+    sshd.start()
+    yield Host(sshd=sshd, client_key=client, proxy_host_key=keys / "proxy_host_ed25519")
+    sshd.stop()
+
+
+@dataclass
+class Rig:
+    port: int
+    frontend: SshFrontend
+    registry: Registry
+    reports: list[tuple[Redeemed, str, Relay]] = field(default_factory=list)
+    redeemed: list[str] = field(default_factory=list)
+    ttl: float = 60.0
+    core_down: bool = False
+
+
+def _target(host: Host, name: str, **overrides: object) -> SshTarget:
+    fields: dict[str, object] = {
+        "name": name,
+        "host": "127.0.0.1",
+        "port": host.sshd.port,
+        "user": host.sshd.user,
+        "private_key": host.client_key.read_text(),
+        "host_key": host.sshd.host_key,
+        **overrides,
+    }
+    return SshTarget(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def rig(host: Host, tmp_path: Path) -> AsyncIterator[Rig]:
+    registry = Registry()
+    state = Rig(port=0, frontend=None, registry=registry)  # type: ignore[arg-type]
+
+    async def check(token: str, connection: str, kind: str) -> Claims:
+        assert kind == "ssh"
+        if state.core_down:
+            raise Unavailable("redis", "connection refused at 10.0.0.7:6379")
+        if token == "other":
+            raise PermissionDenied("WRONG_CONNECTION", "this grant is for orders, not box")
+        if token == "revoked":
+            raise PermissionDenied("GRANT_REVOKED", "this grant was revoked")
+        if token != TOKEN:
+            raise Unauthenticated("signature", "bad")
+        return Claims(
+            grant_id=GRANT_ID,
+            subject="ops-bot",
+            connection=connection,
+            kind=kind,
+            expires_at=time.time() + state.ttl,
+        )
+
+    async def redeem(token: str, connection: str, session_id: str, client: str) -> Redeemed:
+        state.redeemed.append(session_id)
+        return Redeemed(
+            grant_id=GRANT_ID,
+            subject="ops-bot",
+            connection=connection,
+            expires_at=time.time() + state.ttl,
+        )
+
+    async def report(redeemed: Redeemed, session_id: str, relay: Relay) -> None:
+        state.reports.append((redeemed, session_id, relay))
+
+    wrong = public_key(create_key(tmp_path / "impostor", "not-the-host"))
+    targets = {
+        "box": _target(host, "box"),
+        "box-fwd": _target(host, "box-fwd", allow_port_forwarding=True),
+        "box-agent": _target(host, "box-agent", allow_agent_forwarding=True),
+        "box-impostor": _target(host, "box-impostor", host_key=wrong),
+        "box-down": _target(host, "box-down", port=1),
+    }
+    gate = Gate(check=check, redeem=redeem, report=report, registry=registry)
+    frontend = SshFrontend(
+        gate=gate, targets=targets, host_key=host.proxy_host_key, listen="127.0.0.1:0"
+    )
+    address = await frontend.start()
+    state.port = int(address.split()[0].rpartition(":")[2])
+    state.frontend = frontend
+    yield state
+    await frontend.stop()
+
+
+class Agent(asyncssh.SSHClient):
+    """An agent's SSH client that keeps every banner it is shown."""
+
+    def __init__(self) -> None:
+        self.banners: list[str] = []
+
+    def auth_banner_received(self, msg: str, lang: str) -> None:
+        self.banners.append(msg)
+
+
+async def _connect(
+    rig: Rig, user: str = "box", password: str = TOKEN
+) -> tuple[asyncssh.SSHClientConnection, Agent]:
+    conn, agent = await asyncssh.create_connection(
+        Agent,
+        "127.0.0.1",
+        rig.port,
+        username=user,
+        password=password,
+        known_hosts=None,
+        config=None,
+        agent_path=None,
+        client_keys=None,
+        preferred_auth="password",
+        connect_timeout=5,
+    )
+    return conn, agent
+
+
+async def _refused(rig: Rig, user: str = "box", password: str = TOKEN) -> tuple[str, list[str]]:
+    """Log in expecting a refusal; return the disconnect reason and the banners shown."""
+    banners: list[str] = []
+
+    class Watching(Agent):
+        def __init__(self) -> None:
+            super().__init__()
+            self.banners = banners
+
+    with pytest.raises(asyncssh.DisconnectError) as refused:
+        await asyncssh.create_connection(
+            Watching,
+            "127.0.0.1",
+            rig.port,
+            username=user,
+            password=password,
+            known_hosts=None,
+            config=None,
+            agent_path=None,
+            client_keys=None,
+            preferred_auth="password",
+            connect_timeout=5,
+        )
+    return refused.value.reason, banners
+
+
+async def _reports(rig: Rig, count: int) -> list[tuple[Redeemed, str, Relay]]:
+    """The session reports, once count of them have arrived (they follow the close)."""
+    for _ in range(200):
+        if len(rig.reports) >= count:
+            break
+        await asyncio.sleep(0.01)
+    return rig.reports
+
+
+async def test_exec_relays_output_stderr_and_the_exit_status(rig: Rig, host: Host) -> None:
+    conn, _ = await _connect(rig)
+    async with conn:
+        done = await conn.run("echo out; whoami; echo err >&2; cat; exit 7", input="from-stdin\n")
+    assert done.exit_status == 7
+    assert done.stdout == f"out\n{host.sshd.user}\nfrom-stdin\n"
+    assert done.stderr == "err\n"
+    [(redeemed, session_id, relay)] = await _reports(rig, 1)
+    assert session_id == rig.redeemed[0]
+    assert redeemed.grant_id == GRANT_ID
+    assert relay.reason == "client_closed"
+    assert relay.bytes_from_client == len("from-stdin\n")
+    assert relay.bytes_to_client == len(done.stdout) + len(done.stderr)
+
+
+async def test_a_signal_that_killed_the_command_reaches_the_agent(rig: Rig) -> None:
+    conn, _ = await _connect(rig)
+    async with conn:
+        done = await conn.run("kill -TERM $$")
+    assert done.exit_signal is not None
+    assert done.exit_signal[0] == "TERM"
+
+
+async def test_a_pty_shell_gets_its_terminal_and_window_changes(rig: Rig) -> None:
+    conn, _ = await _connect(rig)
+    async with conn:
+        process = await conn.create_process(term_type="xterm-256color", term_size=(91, 27))
+        process.stdin.write("echo TERM=$TERM; stty size; tty\n")
+        seen = ""
+        while "/dev/pts" not in seen:
+            seen += await asyncio.wait_for(process.stdout.read(1024), 5)
+        assert "TERM=xterm-256color" in seen
+        assert "27 91" in seen
+        process.change_terminal_size(120, 40)
+        process.stdin.write("stty size; exit 4\n")
+        await asyncio.wait_for(process.wait_closed(), 5)
+        rest = await process.stdout.read()
+    assert "40 120" in rest
+    assert process.exit_status == 4
+
+
+async def test_sftp_is_relayed(rig: Rig, tmp_path: Path) -> None:
+    target = tmp_path / "via-sftp.txt"
+    conn, _ = await _connect(rig)
+    async with conn, conn.start_sftp_client() as sftp:
+        async with sftp.open(str(target), "w") as out:
+            await out.write("written through the proxy\n")
+        assert target.name in await sftp.listdir(str(tmp_path))
+        async with sftp.open(str(target)) as back:
+            assert await back.read() == "written through the proxy\n"
+    assert target.read_text() == "written through the proxy\n"
+
+
+async def test_forwarding_is_refused_unless_the_connection_allows_it(rig: Rig, host: Host) -> None:
+    conn, _ = await _connect(rig)
+    async with conn:
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.open_connection("127.0.0.1", host.sshd.port)
+        with pytest.raises(asyncssh.ChannelListenError):
+            await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", 1)
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.create_process("true", x11_forwarding=True, x11_display="127.0.0.1:0")
+    [(_, _, relay)] = await _reports(rig, 1)
+    assert relay.bytes_to_client == 0  # nothing was relayed
+
+
+@pytest.fixture
+def ssh_agent(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A real ssh-agent holding one key: its socket and the name it lists the key by."""
+    socket = tmp_path / "agent.sock"
+    agent = subprocess.Popen(
+        ["ssh-agent", "-D", "-a", str(socket)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        create_key(tmp_path / "agent_key", "key-in-the-agents-agent")
+        env = {**os.environ, "SSH_AUTH_SOCK": str(socket)}
+        for _ in range(100):  # ssh-add fails until the agent listens
+            added = subprocess.run(
+                ["ssh-add", str(tmp_path / "agent_key")], env=env, capture_output=True, check=False
+            )
+            if added.returncode == 0:
+                break
+            agent_gone = agent.poll() is not None
+            assert not agent_gone, agent.stderr.read() if agent.stderr else ""
+            time.sleep(0.02)
+        assert added.returncode == 0, added.stderr
+        # The key file holds no comment: ssh-add names the key by its path.
+        yield socket, str(tmp_path / "agent_key")
+    finally:
+        agent.terminate()
+        agent.wait()
+
+
+async def _agent_keys(
+    rig: Rig, connection: str, agent_socket: Path
+) -> asyncssh.SSHCompletedProcess:
+    conn, _ = await asyncssh.create_connection(
+        Agent,
+        "127.0.0.1",
+        rig.port,
+        username=connection,
+        password=TOKEN,
+        known_hosts=None,
+        config=None,
+        agent_path=str(agent_socket),
+        agent_forwarding=True,
+        client_keys=None,
+        preferred_auth="password",
+    )
+    async with conn:
+        return await conn.run("ssh-add -l")
+
+
+async def test_agent_forwarding_only_where_the_connection_allows_it(
+    rig: Rig, ssh_agent: tuple[Path, str]
+) -> None:
+    socket, comment = ssh_agent
+    refused = await _agent_keys(rig, "box", socket)
+    assert refused.exit_status == 2  # ssh-add: no agent to talk to on the host
+    assert comment not in str(refused.stdout)
+    allowed = await _agent_keys(rig, "box-agent", socket)
+    assert allowed.exit_status == 0, allowed.stderr
+    assert comment in str(allowed.stdout)  # the agent's own agent, reached from the host
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"echo:" + await reader.readline())
+    await writer.drain()
+    writer.close()
+
+
+async def test_a_connection_that_allows_forwarding_forwards_through_the_host(
+    rig: Rig, host: Host
+) -> None:
+    echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    echo_port = echo.sockets[0].getsockname()[1]
+    allowed, _ = await _connect(rig, "box-fwd")
+    async with allowed, echo:
+        # -L: opened by the upstream host; what answers is the sshd itself.
+        reader, writer = await allowed.open_connection("127.0.0.1", host.sshd.port)
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"SSH-2.0-OpenSSH")
+        writer.close()
+        # -R: the host listens; a connection to it comes back to the agent.
+        listener = await allowed.forward_remote_port("127.0.0.1", 0, "127.0.0.1", echo_port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.get_port())
+        writer.write(b"ping\n")
+        assert await asyncio.wait_for(reader.read(), 5) == b"echo:ping\n"
+        writer.close()
+        listener.close()
+    [(_, _, relay)] = await _reports(rig, 1)
+    assert relay.bytes_from_client >= len(b"echo:ping\n")
+    assert relay.bytes_to_client >= len(b"ping\n")
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "message"),
+    [
+        ("box", "forged", "jitgate: this grant is not valid"),
+        ("box", "x" * 20_000, "jitgate: this grant is not valid"),
+        ("box", "other", "jitgate: this grant is for another connection"),
+        ("box", "revoked", "jitgate: this grant was revoked"),
+        ("nowhere", TOKEN, "jitgate: no connection named 'nowhere'"),
+    ],
+)
+async def test_refusals_say_why_in_a_banner_and_disconnect(
+    rig: Rig, user: str, password: str, message: str
+) -> None:
+    reason, banners = await _refused(rig, user, password)
+    assert reason == message
+    assert [banner.strip() for banner in banners] == [message]
+    assert rig.redeemed == []
+    assert len(rig.registry) == 0
+
+
+async def test_an_agent_that_stalls_before_login_is_dropped(host: Host, rig: Rig) -> None:
+    quick = SshFrontend(
+        gate=rig.frontend.gate,
+        targets=rig.frontend.targets,
+        host_key=host.proxy_host_key,
+        listen="127.0.0.1:0",
+        login_timeout=0.5,
+    )
+    address = await quick.start()
+    try:
+        reader, writer = await asyncio.open_connection(*address.split()[0].rsplit(":", 1))
+        assert (await reader.readline()).startswith(b"SSH-2.0-")
+        started = time.monotonic()
+        writer.write(b"SSH-2.0-stalling\r\n")  # then nothing: no key exchange, no login
+        await asyncio.wait_for(reader.read(), 5)  # up to EOF: the proxy closed it
+        assert time.monotonic() - started < 2.0
+        writer.close()
+    finally:
+        await quick.stop()
+    assert rig.redeemed == []
+
+
+async def test_the_core_down_fails_closed_without_internals(rig: Rig) -> None:
+    rig.core_down = True
+    reason, banners = await _refused(rig)
+    assert reason == "jitgate: cannot redeem grants right now; retry"
+    assert "10.0.0.7" not in reason + "".join(banners)
+
+
+@pytest.mark.parametrize("connection", ["box-impostor", "box-down"])
+async def test_an_upstream_it_cannot_trust_or_reach_is_refused_and_reported(
+    rig: Rig, connection: str
+) -> None:
+    reason, banners = await _refused(rig, connection)
+    assert reason == f"jitgate: cannot reach {connection}"
+    assert [banner.strip() for banner in banners] == [reason]
+    # Redeemed, so its end is on the record too.
+    [(_, session_id, relay)] = await _reports(rig, 1)
+    assert session_id == rig.redeemed[0]
+    assert relay.reason == "error"
+    assert len(rig.registry) == 0
+
+
+async def _revoked_session(rig: Rig, end: str) -> tuple[str, float, asyncssh.SSHClientProcess]:
+    conn, _ = await _connect(rig)
+    process = await conn.create_process("echo started; sleep 30", stderr=asyncssh.STDOUT)
+    assert (await asyncio.wait_for(process.stdout.readline(), 5)) == "started\n"
+    started = time.monotonic()
+    if end == "revoked":
+        assert rig.registry.revoke(GRANT_ID) == 1
+    await asyncio.wait_for(process.wait_closed(), 5)
+    took = time.monotonic() - started
+    output = await process.stdout.read()
+    await asyncio.wait_for(conn.wait_closed(), 5)
+    return output, took, process
+
+
+async def test_revocation_closes_the_channel_with_the_reason_within_a_second(rig: Rig) -> None:
+    output, took, process = await _revoked_session(rig, "revoked")
+    assert "jitgate: grant revoked" in output
+    assert took < 1.0
+    assert process.exit_status is None or process.exit_status != 0
+    [(_, _, relay)] = await _reports(rig, 1)
+    assert relay.reason == "revoked"
+    assert relay.bytes_to_client == len("started\n")
+    assert len(rig.registry) == 0
+
+
+async def test_expiry_closes_the_channel_with_the_reason(rig: Rig) -> None:
+    rig.ttl = 1.5
+    output, _, _ = await _revoked_session(rig, "expired")
+    assert "jitgate: grant expired" in output
+    [(_, _, relay)] = await _reports(rig, 1)
+    assert relay.reason == "expired"
+
+
+async def test_the_upstream_key_reaches_no_agent_byte(
+    rig: Rig, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    conn, agent = await _connect(rig)
+    async with conn:
+        done = await conn.run("echo hi; cat /nonexistent")
+        server_key = conn.get_server_host_key()
+    received = "".join([str(done.stdout), str(done.stderr), *agent.banners])
+    received += server_key.export_public_key().decode() if server_key else ""
+    private = host.client_key.read_text()
+    body = "".join(private.strip().splitlines()[1:-1])
+    assert "hi" in received
+    assert body not in received
+    assert body[:40] not in caplog.text
+    # The proxy shows agents its own host key, not the host's or its client key.
+    assert public_key(host.sshd.host_key) not in received
+
+
+async def test_bad_keys_are_config_errors_that_never_show_the_key(
+    host: Host, tmp_path: Path
+) -> None:
+    gate = Gate(
+        check=None,  # type: ignore[arg-type]
+        redeem=None,  # type: ignore[arg-type]
+        report=None,  # type: ignore[arg-type]
+        registry=Registry(),
+    )
+    garbled = "-----BEGIN OPENSSH PRIVATE KEY-----\nc2VjcmV0LWtleS1tYXRlcmlhbA==\n-----END"
+    with pytest.raises(ConfigError, match=r"connections\.box\.key_file") as bad:
+        SshFrontend(
+            gate=gate,
+            targets={"box": _target(host, "box", private_key=garbled)},
+            host_key=host.proxy_host_key,
+            listen="127.0.0.1:0",
+        )
+    assert "c2VjcmV0" not in str(bad.value)
+    missing = SshFrontend(
+        gate=gate,
+        targets={"box": _target(host, "box")},
+        host_key=tmp_path / "absent",
+        listen="127.0.0.1:0",
+    )
+    with pytest.raises(ConfigError, match="JITGATE_PROXY_SSH_HOST_KEY"):
+        await missing.start()
