@@ -24,6 +24,7 @@ from jitgate.common import keys
 from jitgate.common.identity import DEFAULT_TRUST_DOMAIN
 from jitgate.devstack import pki
 from jitgate.devstack.redis_server import ACL_RULES, username
+from jitgate.devstack.sshd_server import ensure_key
 from jitgate.policy import keyring
 
 SERVICES = ("audit", "verifier", "policy", "issuer", "proxy")
@@ -45,6 +46,25 @@ user = "jitgate_orders_ro"
 password_file = "/run/secrets/{UPSTREAM}.password"
 tls = "require"
 read_only = true
+
+# An SSH host (docs/ssh.md): the proxy logs in with its own key, mounted into
+# the proxy alone, and accepts only the pinned host key. Agents connect to
+# port 2222 with the connection's name as the user and the grant as password.
+# [connections.bastion-eu1]
+# kind = "ssh"
+# host = "bastion.internal"
+# user = "jitgate"
+# key_file = "/run/secrets/bastion-eu1.key"
+# host_key = "ssh-ed25519 AAAA... (the host's /etc/ssh/ssh_host_ed25519_key.pub)"
+
+# A Kubernetes namespace (docs/kubernetes.md): requests for this namespace
+# only are forwarded on port 6443 with this ServiceAccount's token.
+# [connections.payments-staging]
+# kind = "kubernetes"
+# server = "https://kubernetes.staging.internal:6443"
+# namespace = "payments"
+# token_file = "/run/secrets/payments-staging.token"
+# ca_file = "/run/secrets/staging-ca.crt"
 """
 
 
@@ -112,6 +132,8 @@ def _proxy(out: Path) -> None:
     _write(out / "proxy" / "connections.toml", CONNECTIONS_TOML)
     # A placeholder: put the upstream role's real password here.
     _write(out / "proxy" / f"{UPSTREAM}.password", secrets.token_urlsafe(24) + "\n")
+    # The proxy's own SSH host key, which agents pin (docs/ssh.md); kept once made.
+    ensure_key(out / "proxy" / "ssh_host_ed25519_key", "jitgate-proxy")
 
 
 def init(out: Path, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import asyncssh
 import pytest
 from cryptography import x509
 
@@ -86,3 +87,9 @@ def test_running_again_keeps_every_file(out: Path) -> None:
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     init_secrets.init(out)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_the_proxys_ssh_host_key_is_private_and_loads(out: Path) -> None:
+    key = out / "proxy" / "ssh_host_ed25519_key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert asyncssh.read_private_key(str(key)).get_algorithm() == "ssh-ed25519"

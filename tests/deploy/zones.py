@@ -228,6 +228,8 @@ def endpoints(docs: list[Doc]) -> dict[str, Endpoint]:
         Endpoint("cloud-metadata", None, "169.254.169.254", ports=((80, "TCP"), (443, "TCP"))),
         Endpoint("redis", "redis", "10.2.0.1", {"app": "redis"}, ((6379, "TCP"),)),
         Endpoint("upstream-db", "databases", "10.2.0.2", {"app": "db"}, ((5432, "TCP"),)),
+        Endpoint("upstream-ssh", "databases", "10.2.0.4", {"app": "bastion"}, ((22, "TCP"),)),
+        Endpoint("upstream-k8s", "databases", "10.2.0.5", {"app": "api"}, ((6443, "TCP"),)),
         Endpoint("kube-dns", "kube-system", "10.2.0.3", {"k8s-app": "kube-dns"}, DNS_PORTS),
         # A pod elsewhere wearing a jitgate workload's labels, and unlabelled
         # pods in each zone: none of them may borrow a workload's reach.
@@ -246,7 +248,8 @@ def expected_reach(every: dict[str, Endpoint]) -> set[tuple[str, str]]:
     return (
         set(CALLS)
         | {(client, "redis") for client in REDIS_CLIENTS}
-        | {("proxy", "upstream-db"), ("verifier", "idp")}
+        | {("proxy", f"upstream-{kind}") for kind in ("db", "ssh", "k8s")}
+        | {("verifier", "idp")}
         # Agents, wherever they are, reach the edge: it is the way in.
         | {(source, edge) for source in outside for edge in EDGE}
         # DNS for every pod of the edge and core zones; the audit zone calls nothing.
