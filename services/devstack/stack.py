@@ -53,6 +53,8 @@ LISTENERS = {"proxy-ssh": "proxy", "proxy-kube": "proxy"}
 PROXIED_CONNECTION = "orders-replica"
 """The example policy's connection the proxy serves, from the demo PostgreSQL."""
 SSH_CONNECTION = "bastion-eu1"
+SSH_CONNECTIONS = (SSH_CONNECTION, "bastion-us1")
+"""The example policy's SSH hosts; in the demo both are the one demo sshd."""
 """The example policy's SSH connection the proxy serves, from the demo sshd."""
 EXAMPLES = Path(__file__).parent / "examples"
 PLACEABLE = ("issuer", "verifier", "policy", "audit", "proxy", "idp", "redis")
@@ -387,7 +389,8 @@ class Stack:
         )
         self.sshd.start()
         with self.proxy_connections.open("a") as out:
-            out.write("\n" + self.sshd.connections_toml(SSH_CONNECTION, self.proxy_ssh_client_key))
+            for name in SSH_CONNECTIONS:
+                out.write("\n" + self.sshd.connections_toml(name, self.proxy_ssh_client_key))
 
     def wait_listening(self, name: str, *, timeout: float) -> None:
         """Wait until name accepts TCP connections (the proxy has no health service)."""

@@ -66,7 +66,7 @@ def test_sighup_applies_a_good_policy_and_keeps_serving_through_a_bad_one(stack:
     assert _request(stack, "bastion-eu1").grant_id
     changes = _policy_changes(stack)
     assert [c.accepted for c in changes] == [True, False]
-    assert "bindings[4]" in changes[1].error
+    assert "bindings[5]" in changes[1].error  # the appended binding: the example has five
     assert changes[1].previous_version == changes[0].version
     assert "refused" in stack.log_tail("policy", 50)
 
