@@ -53,9 +53,9 @@ LISTENERS = {"proxy-ssh": "proxy", "proxy-kube": "proxy"}
 PROXIED_CONNECTION = "orders-replica"
 """The example policy's connection the proxy serves, from the demo PostgreSQL."""
 SSH_CONNECTION = "bastion-eu1"
+"""The example policy's SSH connection the demo uses, served by the demo sshd."""
 SSH_CONNECTIONS = (SSH_CONNECTION, "bastion-us1")
 """The example policy's SSH hosts; in the demo both are the one demo sshd."""
-"""The example policy's SSH connection the proxy serves, from the demo sshd."""
 EXAMPLES = Path(__file__).parent / "examples"
 PLACEABLE = ("issuer", "verifier", "policy", "audit", "proxy", "idp", "redis")
 """The processes a Placement can move; Redis only to another address (no prefix)."""

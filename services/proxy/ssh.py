@@ -6,6 +6,8 @@ redeemed grant opens one upstream connection, authenticated with the
 connection's private key and checked against its pinned host key; each agent
 session channel is relayed to a channel on it (sshrelay). The whole agent
 connection is one session under Gate.hold: revocation and expiry end it.
+Limits caps what an agent, an address and everyone together hold at once:
+channels per connection, logins in progress, connections, connections per grant.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
@@ -35,11 +39,11 @@ from jitgate.common.errors import (
     Unavailable,
 )
 from jitgate.common.jws import MAX_TOKEN_BYTES
-from jitgate.proxy import sshagent, sshforward
+from jitgate.proxy import sshagent, sshforward, sshrelay
 from jitgate.proxy.config import SshTarget
 from jitgate.proxy.gate import Gate, Lease
 from jitgate.proxy.session import DENIALS, HANDSHAKE_TIMEOUT, Redeemed, Relay
-from jitgate.proxy.sshforward import Tunnel
+from jitgate.proxy.sshforward import Slots, Tunnel
 from jitgate.proxy.sshrelay import AgentSide
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,53 @@ UPSTREAM_TIMEOUT = 5.0
 """Seconds to reach the host and log in; inside the agent's own login time (HANDSHAKE_TIMEOUT)."""
 CLOSE_GRACE = 1.0
 """Seconds an ended session's agent gets to read why and leave before the proxy disconnects it."""
+MAX_SESSIONS = 10
+"""Session channels open at once on one agent connection (OpenSSH's MaxSessions default)."""
+MAX_FORWARDS = 32
+"""Forwarded channels (direct-tcpip and forwarded-tcpip) open at once on one agent connection."""
+MAX_STARTUPS = 64
+"""Logins in progress at once, accept to a finished login (as OpenSSH's MaxStartups); more close."""
+MAX_STARTUPS_PER_SOURCE = 16
+"""Logins in progress at once from one client address (as OpenSSH's PerSourceMaxStartups)."""
+MAX_CONNECTIONS = 512
+"""Agent connections open at once, logins in progress included; more are closed at accept."""
+MAX_PER_GRANT = 16
+"""Agent connections holding one grant at once; more are refused before the grant is redeemed."""
+REFUSAL_LOG_INTERVAL = 1.0
+"""Seconds between log lines about refusals over a cap (a flood is one line a second)."""
+
+
+class Throttle:
+    """Warnings about refusals over a cap: the first at once, then one an interval at most."""
+
+    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL) -> None:
+        """At most one line each interval seconds."""
+        self._interval = interval
+        self._held = 0
+        self._last = -interval
+
+    def warning(self, message: str, *args: object) -> None:
+        """Log message % args, unless a line went out less than an interval ago (then count it)."""
+        # A flood of refused opens or connections must not become a flood of log lines.
+        self._held += 1
+        now = time.monotonic()
+        if now - self._last < self._interval:
+            return
+        log.warning(f"{message} (%d refused since the last line)", *args, self._held)
+        self._held = 0
+        self._last = now
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """The listener's caps: the module constants unless a test (or an operator) sets others."""
+
+    max_sessions: int = MAX_SESSIONS
+    max_forwards: int = MAX_FORWARDS
+    max_startups: int = MAX_STARTUPS
+    max_startups_per_source: int = MAX_STARTUPS_PER_SOURCE
+    max_connections: int = MAX_CONNECTIONS
+    max_per_grant: int = MAX_PER_GRANT
 
 
 class _Key:
@@ -109,10 +160,12 @@ class SshFrontend:
         host_key: Path,
         listen: str,
         login_timeout: float = HANDSHAKE_TIMEOUT,
+        limits: Limits | None = None,
     ) -> None:
         """Serve targets on listen ("host:port") with the OpenSSH private host key at host_key."""
         self.login_timeout = login_timeout
         """From accept to a redeemed grant; an agent that stalls longer is dropped."""
+        self.limits = limits or Limits()
         self.gate = gate
         self.targets = dict(targets)
         self.keys = {name: _Key(target) for name, target in self.targets.items()}
@@ -122,6 +175,48 @@ class SshFrontend:
         self.live: set[AgentConnection] = set()
         self.workdir: Path | None = None
         """A private directory for agent forwarding's sockets, while listening."""
+        self._starting: Counter[str] = Counter()
+        """Logins in progress by client address."""
+        self._grants: Counter[str] = Counter()
+        """Agent connections holding (or redeeming) each grant, by grant id."""
+        self.refusals = Throttle()
+        """Log lines about connections closed over a cap."""
+
+    def accept(self, agent: AgentConnection, source: str) -> str | None:
+        """Count a new connection in; None, or why it is over a cap and must be closed at once."""
+        limits = self.limits
+        # Each login costs a key exchange on the event loop the whole proxy
+        # shares: caps as OpenSSH's MaxStartups and PerSourceMaxStartups
+        # keep a flood of handshakes from starving the sessions already open.
+        if len(self.live) >= limits.max_connections:
+            return f"{len(self.live)} agent connections open, the limit"
+        starting = self._starting.total()
+        if starting >= limits.max_startups:
+            return f"{starting} logins in progress, the limit"
+        if self._starting[source] >= limits.max_startups_per_source:
+            return f"{self._starting[source]} logins in progress from {source}, the limit"
+        self.live.add(agent)
+        self._starting[source] += 1
+        return None
+
+    def login_over(self, source: str) -> None:
+        """A login from source is over: in, refused or gone."""
+        self._starting[source] -= 1
+        if self._starting[source] <= 0:
+            del self._starting[source]
+
+    def hold_grant(self, grant_id: str) -> bool:
+        """Count one more connection on grant_id; False, counting nothing, if it has its cap."""
+        if self._grants[grant_id] >= self.limits.max_per_grant:
+            return False
+        self._grants[grant_id] += 1
+        return True
+
+    def release_grant(self, grant_id: str) -> None:
+        """A connection on grant_id is over."""
+        self._grants[grant_id] -= 1
+        if self._grants[grant_id] <= 0:
+            del self._grants[grant_id]
 
     async def start(self) -> str:
         """Listen; return the address listened on."""
@@ -199,19 +294,52 @@ class AgentConnection(asyncssh.SSHServer):
         self._numbers = itertools.count()
         self._agent_link: sshagent.AgentLink | None = None
         self._stopping = False
+        self._dropped = False
+        """Closed at accept, over a cap: never counted in."""
+        self._source: str | None = None
+        """The client address while its login is in progress (counted against MAX_STARTUPS)."""
+        self._grant: str | None = None
+        """The grant this connection counts against (MAX_PER_GRANT), once checked."""
+        self._refusals = Throttle()
+        """Log lines about this connection's channel opens refused over a cap."""
+        self._forwards = Slots(frontend.limits.max_forwards, self._forward_refused)
 
     # Connection and authentication (RFC 4252) ---------------------------
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-        """An agent connected."""
+        """An agent connected: counted in, or closed at once if over a cap."""
         self._conn = conn
         peer = conn.get_extra_info("peername")
-        self._client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
-        self._frontend.live.add(self)
+        source = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+        self._client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else source
+        over = self._frontend.accept(self, source)
+        if over is not None:
+            # Before the version exchange: no key exchange is spent on it.
+            self._frontend.refusals.warning(
+                "ssh: closed a connection from %s at accept: %s", self._client, over
+            )
+            self._dropped = True
+            self._gone.set()
+            conn.abort()
+            return
+        self._source = source
+
+    def _login_over(self) -> None:
+        """The login is no longer in progress: free its MAX_STARTUPS place (once)."""
+        if self._source is not None:
+            self._frontend.login_over(self._source)
+            self._source = None
+
+    def auth_completed(self) -> None:
+        """The agent is in: its login no longer counts as in progress."""
+        self._login_over()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The agent's connection closed, for whatever reason."""
         self._gone.set()
+        if self._dropped:
+            return  # never counted in, and logged as closed over a cap
+        self._login_over()
         self._frontend.live.discard(self)
         if exc is not None and self.task is None:
             log.info(
@@ -290,6 +418,7 @@ class AgentConnection(asyncssh.SSHServer):
                 self._refuse("internal error")
             finally:
                 self._admitted(False)
+                self._release_grant()
                 if self._upstream is not None:
                     self._upstream.abort()
                 if self._agent_link is not None:
@@ -299,15 +428,36 @@ class AgentConnection(asyncssh.SSHServer):
                     why = f"grant {self._lease.reason}" if self._lease.reason else "session over"
                     self._conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"jitgate: {why}")
 
+    def _release_grant(self) -> None:
+        """This connection no longer counts against its grant's MAX_PER_GRANT (once)."""
+        if self._grant is not None:
+            self._frontend.release_grant(self._grant)
+            self._grant = None
+
     async def _redeem(self, target: SshTarget, token: str) -> Redeemed | None:
         """Check and redeem the token; None (and a banner saying why) when refused."""
         marks = time.perf_counter()
+        gate = self._frontend.gate
         try:
             if len(token) > MAX_TOKEN_BYTES:
                 raise Unauthenticated("size", f"{len(token)} bytes")
-            redeemed = await self._frontend.gate.admit(
-                token, target.name, KIND, self.session_id, self._client
-            )
+            # Gate.admit's two steps, apart: a grant at its cap of connections
+            # is refused after the check and before the redemption, so the
+            # refused login leaves no redemption on the record.
+            claims = await gate.check(token, target.name, KIND)
+            if not self._frontend.hold_grant(claims.grant_id):
+                cap = self._frontend.limits.max_per_grant
+                self._refuse(f"too many sessions on this grant (the limit is {cap})")
+                log.warning(
+                    "ssh session %s from %s: refused, grant %s has %d connections, the limit",
+                    self.session_id,
+                    self._client,
+                    claims.grant_id,
+                    cap,
+                )
+                return None
+            self._grant = claims.grant_id
+            redeemed = await gate.redeem(token, target.name, self.session_id, self._client)
         except (Unauthenticated, InvalidArgument, NotFound) as exc:
             # An expired token is worth telling apart: the agent should ask again.
             expired = isinstance(exc, Unauthenticated) and exc.check == "expired"
@@ -410,12 +560,25 @@ class AgentConnection(asyncssh.SSHServer):
 
     # Channels (RFC 4254) -------------------------------------------------
 
-    def session_requested(self) -> AgentSide | bool:
+    def session_requested(self) -> tuple[asyncssh.SSHServerChannel[bytes], AgentSide] | bool:
         """A session channel: relayed to a channel on the upstream connection."""
         if self._upstream is None or self._stats is None or self._lease is None:
             return False
-        if self._lease.ended.is_set():
+        if self._lease.ended.is_set() or self._conn is None:
             return False
+        cap = self._frontend.limits.max_sessions
+        if len(self._channels) >= cap:
+            # RFC 4254 section 5.1: a channel-open failure; the agent may try
+            # again once one of its sessions closes.
+            self._refusals.warning(
+                "ssh session %s: session channel refused, %d open, the limit", self.session_id, cap
+            )
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_RESOURCE_SHORTAGE, f"jitgate: at most {cap} sessions per connection"
+            )
+        # A small window (RFC 4254 section 5.2) until the host's channel is
+        # open: all the agent can send meanwhile is held here.
+        chan = self._conn.create_server_channel(encoding=None, window=sshrelay.PENDING_WINDOW)
         channel = AgentSide(
             upstream=self._upstream,
             stats=self._stats,
@@ -424,7 +587,7 @@ class AgentConnection(asyncssh.SSHServer):
             before_open=self._link_agent,
         )
         self._channels.add(channel)
-        return channel
+        return chan, channel
 
     def _forwarding(self, what: str, host: str, port: int) -> bool:
         """Whether this session may forward ports; logged either way."""
@@ -445,6 +608,15 @@ class AgentConnection(asyncssh.SSHServer):
             "through the host" if allowed else "refused",
         )
         return allowed
+
+    def _forward_refused(self, what: str) -> None:
+        """Log a forwarded channel refused over MAX_FORWARDS."""
+        self._refusals.warning(
+            "ssh session %s: %s refused, %d open, the limit",
+            self.session_id,
+            what,
+            self._forwards.limit,
+        )
 
     def _counters(self) -> tuple[Callable[[int], None], Callable[[int], None]]:
         """(count bytes from the agent, count bytes to the agent) into the session's totals."""
@@ -476,8 +648,18 @@ class AgentConnection(asyncssh.SSHServer):
         if not self._forwarding("forwarding to", dest_host, dest_port):
             return False
         assert self._upstream is not None
+        if not self._forwards.take("forwarded channel"):
+            # RFC 4254 section 5.1: refused with a reason the client shows.
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_RESOURCE_SHORTAGE,
+                f"jitgate: at most {self._forwards.limit} forwarded channels",
+            )
         return sshforward.direct(
-            self._upstream, (dest_host, dest_port), (orig_host, orig_port), self._counters()
+            self._upstream,
+            (dest_host, dest_port),
+            (orig_host, orig_port),
+            self._counters(),
+            self._forwards,
         )
 
     def server_requested(
@@ -489,5 +671,9 @@ class AgentConnection(asyncssh.SSHServer):
         assert self._upstream is not None
         assert self._conn is not None
         return sshforward.remote(
-            self._upstream, self._conn, (listen_host, listen_port), self._counters()
+            self._upstream,
+            self._conn,
+            (listen_host, listen_port),
+            self._counters(),
+            self._forwards,
         )

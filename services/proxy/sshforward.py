@@ -2,7 +2,8 @@
 
 A forwarded TCP connection is two SSH channels, one on the agent's connection
 and one on the upstream's, joined by a pair of Tunnels that relay bytes (and
-count them into the session's totals), EOF, close and flow control.
+count them into the session's totals), EOF, close and flow control. Each pair
+holds one of the agent connection's Slots while it is open.
 """
 
 from __future__ import annotations
@@ -17,12 +18,47 @@ if TYPE_CHECKING:
     from asyncssh.channel import SSHChannel
 
 
+class Slots:
+    """A cap on the forwarded channels open at once on one agent connection."""
+
+    def __init__(self, limit: int, refused: Callable[[str], None]) -> None:
+        """Up to limit at once; refused(what) is told of each open over it (to log it)."""
+        self.limit = limit
+        self.used = 0
+        self._refused = refused
+
+    def take(self, what: str) -> bool:
+        """Take a place for what; False (taking nothing) when all are in use."""
+        if self.used >= self.limit:
+            self._refused(what)
+            return False
+        self.used += 1
+        return True
+
+    def release(self) -> None:
+        """Give a place back."""
+        self.used = max(0, self.used - 1)
+
+    def once(self) -> Callable[[], None]:
+        """A release for one taken place that gives it back the first time it is called only."""
+        pending = [True]
+
+        def release() -> None:
+            """Give the place back, if not yet given."""
+            if pending:
+                pending.clear()
+                self.release()
+
+        return release
+
+
 class Tunnel(asyncssh.SSHTCPSession[bytes]):
     """One side of a forwarded connection: what its channel receives goes to the peer's."""
 
-    def __init__(self, count: Callable[[int], None]) -> None:
-        """A side whose received bytes are counted with count."""
+    def __init__(self, count: Callable[[int], None], on_close: Callable[[], None]) -> None:
+        """A side whose received bytes are counted with count; on_close runs as it closes."""
         self._count = count
+        self._on_close = on_close
         self._chan: SSHChannel[bytes] | None = None
         self._peer: Tunnel | None = None
         self._held: list[bytes] = []
@@ -30,10 +66,13 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
 
     @classmethod
     def pair(
-        cls, received_here: Callable[[int], None], received_there: Callable[[int], None]
+        cls,
+        received_here: Callable[[int], None],
+        received_there: Callable[[int], None],
+        on_close: Callable[[], None] = lambda: None,
     ) -> tuple[Tunnel, Tunnel]:
-        """Two joined sides, each counting what it receives."""
-        here, there = cls(received_here), cls(received_there)
+        """Two joined sides, each counting what it receives; on_close runs as either closes."""
+        here, there = cls(received_here, on_close), cls(received_there, on_close)
         here._peer, there._peer = there, here
         return here, there
 
@@ -61,6 +100,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """This side closed: close the peer."""
+        self._on_close()
         if self._peer is not None:
             self._peer.close()
 
@@ -101,20 +141,27 @@ async def direct(
     destination: tuple[str, int],
     origin: tuple[str, int],
     count: tuple[Callable[[int], None], Callable[[int], None]],
+    slots: Slots,
 ) -> Tunnel:
     """direct-tcpip (RFC 4254 section 7.2): the host opens the connection; return the agent's side.
 
-    count is (bytes from the agent, bytes to the agent).
+    count is (bytes from the agent, bytes to the agent). The caller took one of
+    slots for it; it is given back when the pair closes, or here if it never opens.
     """
-    agent_side, upstream_side = Tunnel.pair(*count)
+    release = slots.once()
+    agent_side, upstream_side = Tunnel.pair(*count, on_close=release)
     try:
         await upstream.create_connection(
             lambda: upstream_side, *destination, *origin, encoding=None
         )
     except (asyncssh.Error, OSError):
+        release()
         raise asyncssh.ChannelOpenError(
             asyncssh.OPEN_CONNECT_FAILED, "the host could not open that connection"
         ) from None
+    except BaseException:
+        release()
+        raise
     return agent_side
 
 
@@ -123,20 +170,37 @@ async def remote(
     agent: asyncssh.SSHServerConnection,
     listen: tuple[str, int],
     count: tuple[Callable[[int], None], Callable[[int], None]],
+    slots: Slots,
 ) -> asyncssh.SSHListener:
     """tcpip-forward (RFC 4254 section 7.1): the host listens; each connection comes to the agent.
 
-    count is (bytes from the agent, bytes to the agent).
+    count is (bytes from the agent, bytes to the agent). Each connection takes
+    one of slots while open; over the cap the host's channel open is refused.
     """
     host, port = listen
 
     async def accept(orig_host: str, orig_port: int) -> Tunnel:
         """A connection to the host's listener: open a channel to the agent for it."""
-        agent_side, upstream_side = Tunnel.pair(*count)
-        # The agent matches the channel to its request by the address it asked for.
-        await agent.create_connection(
-            lambda: agent_side, host, port, orig_host, orig_port, encoding=None
-        )
+        if not slots.take("forwarded connection"):
+            # RFC 4254 section 5.1: the host's forwarded-tcpip open fails.
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_RESOURCE_SHORTAGE, "jitgate: too many forwarded channels"
+            )
+        release = slots.once()
+        agent_side, upstream_side = Tunnel.pair(*count, on_close=release)
+        try:
+            # The agent matches the channel to its request by the address it asked for.
+            await agent.create_connection(
+                lambda: agent_side, host, port, orig_host, orig_port, encoding=None
+            )
+        except (asyncssh.Error, OSError):
+            release()
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED, "the agent did not take the connection"
+            ) from None
+        except BaseException:
+            release()
+            raise
         return upstream_side
 
     try:

@@ -4,6 +4,10 @@ The agent's requests on a session channel (RFC 4254 section 6: pty-req, env,
 then one of shell, exec or subsystem) are replayed on a channel the proxy
 opens on its own upstream connection; data, EOF, window changes, signals and
 the exit status then flow between the two. Bytes are counted each way.
+
+Until the upstream channel is open the agent's channel offers a small window
+(PENDING_WINDOW), so little can wait here; it opens to OPEN_WINDOW after.
+Only the environment variables in the allow-list are passed on.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -28,6 +33,28 @@ log = logging.getLogger(__name__)
 
 REFUSED_EXIT = 255
 """What ssh(1) itself exits with when the session could not be had."""
+PENDING_WINDOW = 64 * 1024
+"""The window an agent's session channel offers until its upstream channel is open (two packets)."""
+OPEN_WINDOW = 2 * 1024 * 1024
+"""The window it offers once the upstream channel is open (asyncssh's and OpenSSH's default)."""
+PASSED_ENV = re.compile(rb"LANG|LC_[A-Z_]{1,32}|TERM|COLORTERM|NO_COLOR")
+"""Env variables passed on: the locale's (as Debian's SendEnv/AcceptEnv) and the terminal's."""
+MAX_PASSED_ENV = 32
+"""At most this many of them per channel."""
+
+
+def passed_env(label: str, env: Mapping[bytes, bytes]) -> dict[bytes | str, bytes | str]:
+    """The part of an agent's env requests (RFC 4254 section 6.4) that goes to the host."""
+    # Filtering here, not by the host's AcceptEnv alone: a host that accepts
+    # everything would let an agent set LD_PRELOAD, BASH_ENV or PATH for the
+    # proxy's account.
+    passed: dict[bytes | str, bytes | str] = {}
+    for name, value in env.items():
+        if PASSED_ENV.fullmatch(name) and len(passed) < MAX_PASSED_ENV:
+            passed[name] = value
+        else:
+            log.debug("ssh %s: env %r not passed on", label, name[:32])
+    return passed
 
 
 def _quietly(action: Callable[[], object]) -> None:
@@ -148,9 +175,7 @@ class AgentSide(asyncssh.SSHServerSession[bytes]):
         """Open the upstream channel with the agent's requests, then let the agent's input flow."""
         assert self._chan is not None
         self._before_open()
-        env: dict[bytes | str, bytes | str] = {
-            name: value for name, value in self._chan.get_environment_bytes().items()
-        }
+        env = passed_env(self._label, self._chan.get_environment_bytes())
         try:
             peer, _ = await self._upstream.create_session(
                 lambda: UpstreamSide(self),
@@ -180,7 +205,18 @@ class AgentSide(asyncssh.SSHServerSession[bytes]):
             if self._eof_pending:
                 peer.write_eof()
         self._pending.clear()
+        self._widen(self._chan)
         _quietly(self._chan.resume_reading)
+
+    @staticmethod
+    def _widen(chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        """Open the agent's window to OPEN_WINDOW now that its data has somewhere to go."""
+        # RFC 4254 section 5.2: the receiver widens a window with window
+        # adjustments. asyncssh has no call for it: it tops the window back up
+        # to the channel's initial size as data is taken in, so raising that
+        # size opens the window at the next data delivered (resume_reading
+        # delivers what is queued; an idle agent still has window left to send).
+        chan._init_recv_window = max(chan._init_recv_window, OPEN_WINDOW)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         """Relay the agent's input to the host (held until the host's channel is open)."""

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from jitgate import client as sdk
 from jitgate.common import grants, tls
-from jitgate.devstack.stack import SSH_CONNECTION, Stack
+from jitgate.devstack.stack import SSH_CONNECTION, SSH_CONNECTIONS, Stack
 from jitgate.v1 import audit_pb2, audit_pb2_grpc, policy_pb2, policy_pb2_grpc
 
 pytestmark = pytest.mark.e2e
@@ -170,6 +170,20 @@ def test_grants_for_another_host_or_kind_are_refused(
     refused = _refusal(stack, tmp_path, grant.token, user="orders-replica")
     assert "jitgate: no connection named 'orders-replica'" in refused
     assert "jitgate: this grant is not valid" in _refusal(stack, tmp_path, "not-a-grant")
+    # Two SSH hosts behind one proxy (the same demo sshd): a grant for one is
+    # refused as the other, each way, though both are kind "ssh".
+    [other_host] = [name for name in SSH_CONNECTIONS if name != SSH_CONNECTION]
+    with _agent(stack) as agent:
+        us = agent.request_grant(other_host, ttl_seconds=60, reason="e2e ssh other host")
+        try:
+            for token, user in ((us.token, SSH_CONNECTION), (grant.token, other_host)):
+                assert "jitgate: this grant is for another connection" in _refusal(
+                    stack, tmp_path, token, user=user
+                )
+            done = _ssh(stack, tmp_path, us.token, "echo on-the-other-host", user=other_host)
+            assert (done.returncode, done.stdout) == (0, "on-the-other-host\n"), done.stderr
+        finally:
+            agent.revoke_grant(us.grant_id, reason="e2e ssh")
     # The good grant still works: nothing above consumed or damaged it.
     assert _ssh(stack, tmp_path, grant.token, "true").returncode == 0
 

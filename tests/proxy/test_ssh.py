@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import pytest
@@ -19,7 +22,8 @@ from jitgate.proxy.config import SshTarget
 from jitgate.proxy.gate import Gate
 from jitgate.proxy.grantcheck import Claims
 from jitgate.proxy.session import Redeemed, Registry, Relay
-from jitgate.proxy.ssh import SshFrontend
+from jitgate.proxy.ssh import Limits, SshFrontend
+from jitgate.proxy.sshrelay import PENDING_WINDOW
 
 pytestmark = pytest.mark.integration
 
@@ -34,14 +38,23 @@ class Host:
     proxy_host_key: Path
 
 
+class AcceptingSshd(DemoSshd):
+    """The demo sshd with AcceptEnv * : whatever environment reaches it, it takes."""
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        with self.config.open("a") as out:
+            out.write("AcceptEnv *\n")
+
+
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
-    """A real sshd that lets in only the proxy's client key."""
+    """A real sshd that lets in only the proxy's client key (and takes any env variable)."""
     keys = tmp_path_factory.mktemp("ssh-keys")
     client = keys / "proxy_client_ed25519"
     authorized = create_key(client, "jitgate-proxy")
     create_key(keys / "proxy_host_ed25519", "jitgate-proxy-host")
-    sshd = DemoSshd(workdir=tmp_path_factory.mktemp("sshd"), authorized_key=authorized)
+    sshd = AcceptingSshd(workdir=tmp_path_factory.mktemp("sshd"), authorized_key=authorized)
     sshd.start()
     yield Host(sshd=sshd, client_key=client, proxy_host_key=keys / "proxy_host_ed25519")
     sshd.stop()
@@ -136,12 +149,12 @@ class Agent(asyncssh.SSHClient):
 
 
 async def _connect(
-    rig: Rig, user: str = "box", password: str = TOKEN
+    rig: Rig, user: str = "box", password: str = TOKEN, port: int | None = None
 ) -> tuple[asyncssh.SSHClientConnection, Agent]:
     conn, agent = await asyncssh.create_connection(
         Agent,
         "127.0.0.1",
-        rig.port,
+        port or rig.port,
         username=user,
         password=password,
         known_hosts=None,
@@ -154,7 +167,9 @@ async def _connect(
     return conn, agent
 
 
-async def _refused(rig: Rig, user: str = "box", password: str = TOKEN) -> tuple[str, list[str]]:
+async def _refused(
+    rig: Rig, user: str = "box", password: str = TOKEN, port: int | None = None
+) -> tuple[str, list[str]]:
     """Log in expecting a refusal; return the disconnect reason and the banners shown."""
     banners: list[str] = []
 
@@ -167,7 +182,7 @@ async def _refused(rig: Rig, user: str = "box", password: str = TOKEN) -> tuple[
         await asyncssh.create_connection(
             Watching,
             "127.0.0.1",
-            rig.port,
+            port or rig.port,
             username=user,
             password=password,
             known_hosts=None,
@@ -483,3 +498,211 @@ async def test_bad_keys_are_config_errors_that_never_show_the_key(
     )
     with pytest.raises(ConfigError, match="JITGATE_PROXY_SSH_HOST_KEY"):
         await missing.start()
+
+
+# Limits -----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _listener(rig: Rig, host: Host, **limits: int) -> AsyncIterator[int]:
+    """A second listener on rig's gate and targets with smaller limits; yields its port."""
+    frontend = SshFrontend(
+        gate=rig.frontend.gate,
+        targets=rig.frontend.targets,
+        host_key=host.proxy_host_key,
+        listen="127.0.0.1:0",
+        limits=Limits(**limits),
+    )
+    address = await frontend.start()
+    try:
+        yield int(address.split()[0].rpartition(":")[2])
+    finally:
+        await frontend.stop()
+
+
+async def _greeting(port: int, source: str = "127.0.0.1") -> tuple[bytes, asyncio.StreamWriter]:
+    """Connect from source; return the proxy's first line (b"" if it closed at once)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    try:
+        line = await asyncio.wait_for(reader.readline(), 5)
+    except ConnectionResetError:
+        line = b""
+    return line, writer
+
+
+async def test_session_channels_past_the_cap_are_refused(
+    rig: Rig, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _listener(rig, host, max_sessions=2) as port:
+        conn, _ = await _connect(rig, port=port)
+        async with conn:
+            first = await conn.create_process("cat")
+            second = await conn.create_process("cat")
+            with pytest.raises(asyncssh.ChannelOpenError) as refused:
+                await conn.create_process("echo third")
+            assert refused.value.code == asyncssh.OPEN_RESOURCE_SHORTAGE
+            assert refused.value.reason == "jitgate: at most 2 sessions per connection"
+            assert "session channel refused, 2 open, the limit" in caplog.text
+            # A place comes back when a session closes.
+            first.stdin.write_eof()
+            await asyncio.wait_for(first.wait_closed(), 5)
+            assert (await conn.run("echo third")).stdout == "third\n"
+            second.stdin.write_eof()
+
+
+async def test_forwarded_channels_past_the_cap_are_refused(
+    rig: Rig, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    echo_port = echo.sockets[0].getsockname()[1]
+    async with echo, _listener(rig, host, max_forwards=2) as port:
+        conn, _ = await _connect(rig, "box-fwd", port=port)
+        async with conn:
+            listener = await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", echo_port)
+            opened = []
+            for _ in range(2):
+                reader, writer = await conn.open_connection("127.0.0.1", host.sshd.port)
+                assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"SSH-2.0-")
+                opened.append(writer)
+            with pytest.raises(asyncssh.ChannelOpenError) as refused:
+                await conn.open_connection("127.0.0.1", host.sshd.port)
+            assert refused.value.code == asyncssh.OPEN_RESOURCE_SHORTAGE
+            assert "forwarded channel refused, 2 open, the limit" in caplog.text
+            # A connection to the host's listener (ssh -R) counts too: the
+            # host's channel open is refused and the host closes it unanswered.
+            reader, writer = await asyncio.open_connection("127.0.0.1", listener.get_port())
+            writer.write(b"ping\n")
+            with contextlib.suppress(ConnectionResetError):  # closed with "ping" unread
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+            # A place comes back when a forwarded channel closes.
+            opened[0].close()
+            await asyncio.wait_for(opened[0].channel.wait_closed(), 5)
+            reader, writer = await conn.open_connection("127.0.0.1", host.sshd.port)
+            assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"SSH-2.0-")
+            listener.close()
+
+
+async def test_logins_in_progress_past_the_cap_are_closed_at_accept(
+    rig: Rig, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        async with _listener(rig, host, max_startups=10, max_startups_per_source=1) as port:
+            line, stalled = await _greeting(port)
+            writers.append(stalled)
+            assert line.startswith(b"SSH-2.0-")  # in progress: it never logs in
+            line, same_source = await _greeting(port)
+            writers.append(same_source)
+            assert line == b""  # closed before the proxy's version line
+            assert "logins in progress from 127.0.0.1, the limit" in caplog.text
+            line, other_source = await _greeting(port, "127.0.0.2")
+            writers.append(other_source)
+            assert line.startswith(b"SSH-2.0-")
+        async with _listener(rig, host, max_startups=1) as port:
+            line, stalled = await _greeting(port)
+            writers.append(stalled)
+            assert line.startswith(b"SSH-2.0-")
+            line, other_source = await _greeting(port, "127.0.0.2")
+            writers.append(other_source)
+            assert line == b""
+            assert "1 logins in progress, the limit" in caplog.text
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+async def test_a_finished_login_frees_its_place(rig: Rig, host: Host) -> None:
+    async with _listener(rig, host, max_startups=1) as port:
+        first, _ = await _connect(rig, port=port)
+        second, _ = await _connect(rig, port=port)  # the first is in, no longer starting
+        async with first, second:
+            assert (await second.run("echo both")).stdout == "both\n"
+
+
+async def test_agent_connections_past_the_cap_are_closed_at_accept(
+    rig: Rig, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _listener(rig, host, max_connections=1) as port:
+        conn, _ = await _connect(rig, port=port)
+        async with conn:
+            line, writer = await _greeting(port, "127.0.0.2")
+            writer.close()
+            assert line == b""
+            assert "1 agent connections open, the limit" in caplog.text
+
+
+async def test_a_grant_past_its_cap_of_connections_is_refused_before_redemption(
+    rig: Rig, host: Host
+) -> None:
+    async with _listener(rig, host, max_per_grant=1) as port:
+        conn, _ = await _connect(rig, port=port)
+        async with conn:
+            reason, banners = await _refused(rig, port=port)
+        assert reason == "jitgate: too many sessions on this grant (the limit is 1)"
+        assert [banner.strip() for banner in banners] == [reason]
+        assert len(rig.redeemed) == 1  # the refused login redeemed nothing
+        await _reports(rig, 1)  # the first session is over and on the record
+        again, _ = await _connect(rig, port=port)
+        async with again:
+            assert (await again.run("echo again")).stdout == "again\n"
+
+
+MIB = 1024 * 1024
+
+
+async def test_an_agent_can_queue_little_before_the_host_opens_its_channel(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn, _ = await _connect(rig)
+    opening, open_now = asyncio.Event(), asyncio.Event()
+    create_session = asyncssh.SSHClientConnection.create_session
+
+    async def held(self: asyncssh.SSHClientConnection, *args: Any, **kwargs: Any) -> Any:
+        if self is not conn:  # the proxy's upstream connection, not this agent's
+            opening.set()
+            await open_now.wait()
+        return await create_session(self, *args, **kwargs)
+
+    monkeypatch.setattr(asyncssh.SSHClientConnection, "create_session", held)
+    async with conn:
+        process = await conn.create_process("wc -c", encoding=None)
+        await asyncio.wait_for(opening.wait(), 5)
+        # The proxy's window is all the agent may send (RFC 4254 section 5.2):
+        # the rest stays in the agent's own buffer.
+        process.stdin.write(b"x" * MIB)
+        assert process.channel.get_write_buffer_size() >= MIB - PENDING_WINDOW
+        open_now.set()
+        process.stdin.write_eof()
+        done = await asyncio.wait_for(process.wait(), 10)
+        assert done.stdout == f"{MIB}\n".encode()
+        # Once the host's channel is open, the window is the full one again.
+        process = await conn.create_process(
+            f"head -c {MIB} >/dev/null; echo taken; cat >/dev/null", encoding=None
+        )
+        process.stdin.write(b"x" * MIB)
+        assert await asyncio.wait_for(process.stdout.readline(), 10) == b"taken\n"
+        process.stdin.write(b"y" * (MIB // 2))
+        assert process.channel.get_write_buffer_size() == 0
+        process.stdin.write_eof()
+        await asyncio.wait_for(process.wait_closed(), 10)
+
+
+async def test_only_locale_and_terminal_variables_reach_the_host(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="jitgate.proxy.sshrelay")
+    sent = {
+        "LANG": "C.UTF-8",
+        "LC_TIME": "C",
+        "COLORTERM": "truecolor",
+        "JITGATE_PROBE": "leaked",
+        "LD_LIBRARY_PATH": "/jitgate-probe",
+    }
+    conn, _ = await _connect(rig)
+    async with conn:
+        done = await conn.run("env", env=sent)
+    seen = str(done.stdout).splitlines()
+    assert {"LANG=C.UTF-8", "LC_TIME=C", "COLORTERM=truecolor"} <= set(seen)
+    assert [line for line in seen if "probe" in line.lower() or "leaked" in line] == []
+    assert "env b'JITGATE_PROBE' not passed on" in caplog.text
