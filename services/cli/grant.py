@@ -2,8 +2,9 @@
 
 Exit codes tell outcomes apart for scripts: 0 done, 3 denied, 4 token rejected,
 5 jitgate unavailable, 6 no such grant, 2 a malformed request or a usage error.
-`request` keeps each grant, token included, in the private local store
-(jitgate.client.store) until it expires; `kubeconfig` reads it from there.
+`request` keeps a kubernetes grant, token included, in the private local
+store (jitgate.client.store) until it expires; `kubeconfig` reads it from
+there. Grants of other kinds are not stored: nothing later needs their token.
 """
 
 from __future__ import annotations
@@ -59,7 +60,14 @@ def register(verbs: Any) -> None:
     common.add_argument("--json", action="store_true", help="print JSON")
     common.add_argument("--timeout", type=float, default=5.0)
     sub = cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
-    request = sub.add_parser("request", parents=[common], help="ask for a grant to CONNECTION")
+    request = sub.add_parser(
+        "request",
+        parents=[common],
+        help="ask for a grant to CONNECTION",
+        description="Ask for a grant to CONNECTION and print it, token included. A kubernetes"
+        " grant is also kept, token included, in $JITGATE_HOME/grants (mode 0600) until it"
+        " expires, for `jitgate grant kubeconfig`; grants of other kinds are not stored.",
+    )
     request.add_argument("connection")
     request.add_argument("--ttl", type=int, default=0, help="seconds; 0 = the binding's maximum")
     request.add_argument("--reason", default="")
@@ -187,7 +195,9 @@ def _act(client: IssuerClient, args: argparse.Namespace) -> None:
 
 
 def _keep(grant: Grant) -> None:
-    """Store the grant with its token for later commands (kubeconfig); warn if it cannot be."""
+    """Store a kubernetes grant with its token for `kubeconfig`; warn if it cannot be."""
+    if grant.connection_kind != "kubernetes":
+        return  # no later command needs its token: it is not written to disk
     try:
         GrantStore().save(grant)
     except (OSError, ValueError) as exc:
@@ -206,8 +216,8 @@ def write_kubeconfig(args: argparse.Namespace) -> int:
     if grant is None or grant.expires_at <= now:
         print(
             f"jitgate: not_found: no live grant {args.grant_id[:64]} stored here: request one"
-            " with `jitgate grant request CONNECTION` (grants expire, and are kept only where"
-            " they were requested)",
+            " with `jitgate grant request CONNECTION` (only kubernetes grants are kept, only"
+            " where they were requested, until they expire)",
             file=sys.stderr,
         )
         return EXIT_NOT_FOUND

@@ -1,7 +1,8 @@
 """The agent's private store of its own grants, tokens included, until they expire.
 
 The issuer returns a grant's token once, from RequestGrant; `jitgate grant
-kubeconfig` runs later and needs it. Grants are kept as JSON files in
+kubeconfig` runs later and needs it, so `jitgate grant request` keeps its
+kubernetes grants (and only those) here. Grants are kept as JSON files in
 $JITGATE_HOME/grants (default ~/.jitgate): the directory is 0700 and each
 file 0600, created so from the start (no window with wider modes). Expired
 grants are removed whenever the store is opened.

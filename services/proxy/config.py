@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from jitgate.common import validate
 from jitgate.common.errors import ConfigError, InvalidArgument
@@ -164,7 +165,40 @@ def _ssh(name: str, table: Mapping[str, Any], base: Path, path: str) -> SshTarge
     )
 
 
+# RFC 6750 §2.1 b64token: all a Bearer credential may be. Anything else (a
+# space, a CR left by an editor) would make an Authorization header that h11
+# refuses to send, and its error quotes the header, token and all.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# A path prefix of the API server URL (kube.py puts it before every request
+# path): plain segments only, nothing a server could decode or resolve.
+_SERVER_PATH = re.compile(r"(/[A-Za-z0-9\-_~][A-Za-z0-9\-._~]*)*")
+
+
+def _server(table: Mapping[str, Any], path: str) -> str:
+    """The API server URL: https, a host, a valid port if any, no userinfo, query or fragment."""
+    raw = _string(table, "server", path).rstrip("/")
+    where = f"{path}.server"
+    try:
+        url = urlsplit(raw)
+        port = url.port  # ValueError if not a number in 0-65535
+    except ValueError:
+        raise ConfigError(f"{where}: not a valid URL (its port?)") from None
+    if url.scheme != "https" or not url.hostname:
+        raise ConfigError(f"{where}: must be an https:// URL with a host")
+    if port == 0 or url.netloc.endswith(":"):
+        raise ConfigError(f"{where}: the port must be 1 to 65535")
+    if "@" in url.netloc:
+        # The proxy's credential is the token; a password in a URL ends up in logs.
+        raise ConfigError(f"{where}: no user or password in the URL; use token_file or token_env")
+    if "?" in raw or "#" in raw:
+        raise ConfigError(f"{where}: no query or fragment")
+    if not _SERVER_PATH.fullmatch(url.path):
+        raise ConfigError(f"{where}: the path prefix must be plain segments (no %, '.' or '..')")
+    return raw
+
+
 def _kubernetes(name: str, table: Mapping[str, Any], base: Path, path: str) -> KubeTarget:
+    """One [connections.NAME] table of kind "kubernetes": its server, namespace and token."""
     _no_extra(
         table,
         path,
@@ -179,18 +213,25 @@ def _kubernetes(name: str, table: Mapping[str, Any], base: Path, path: str) -> K
             "allow_port_forward",
         },
     )
-    server = _string(table, "server", path).rstrip("/")
-    if not server.startswith("https://") or len(server) <= len("https://"):
-        raise ConfigError(f"{path}.server: must be an https:// URL")
+    server = _server(table, path)
     namespace = _string(table, "namespace", path)
     if not _NAMESPACE.fullmatch(namespace):
         raise ConfigError(f"{path}.namespace: must be a DNS-1123 label (RFC 1123)")
     ca_file = _string(table, "ca_file", path, "")
+    # Stripped whole (a file may end in CRLF or a space), then checked; the
+    # error names the key, never the value.
+    token = _secret(table, path, base, "token").strip()
+    if not _B64TOKEN.fullmatch(token):
+        key = "token_file" if "token_file" in table else "token_env"
+        raise ConfigError(
+            f"{path}.{key}: the token must be RFC 6750 bearer characters"
+            " (A-Z a-z 0-9 - . _ ~ + / and trailing =)"
+        )
     return KubeTarget(
         name=name,
         server=server,
         namespace=namespace,
-        token=_secret(table, path, base, "token"),
+        token=token,
         ca_file=str((base / ca_file).expanduser()) if ca_file else None,
         allow_exec=_flag(table, "allow_exec", path),
         allow_port_forward=_flag(table, "allow_port_forward", path),

@@ -17,7 +17,9 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -35,14 +37,38 @@ DEFAULT_LISTEN = "127.0.0.1:6443"
 PREFIX = "/connections/"
 CHUNK = 64 * 1024
 HANDSHAKE_TIMEOUT = 10.0
+"""Seconds from accept to a finished TLS handshake."""
+HEADER_TIMEOUT = 10.0
+"""Seconds for a request's whole head: from its first byte, or from the handshake for the first."""
 IDLE_TIMEOUT = 90.0
 """Seconds a keep-alive connection may wait for its next request (Go's idle default)."""
+BODY_TIMEOUT = 60.0
+"""Seconds to read the whole body of a forwarded request (never a watch or an upgraded stream)."""
 UPSTREAM_TIMEOUT = 10.0
 """Connecting to the API server, and waiting for its response headers."""
 CLOSE_GRACE = 1.0
 """Seconds a cut watch's agent gets to read the event saying why, before its socket is cut."""
-MAX_DISCARD = 1 << 20
-"""Bytes of a refused request's body read to keep the connection; more, and it is closed."""
+MAX_CONNECTIONS = 512
+"""Agent connections open at once (counted from the TLS handshake); more get a 503 and close."""
+MAX_CONNECTIONS_PER_IP = 64
+"""Agent connections open at once from one client address."""
+MAX_IN_FLIGHT = 64
+"""Requests of one grant in flight at once (watches and exec streams too); more get 429."""
+REFUSAL_LOG_INTERVAL = 1.0
+"""Seconds between log lines about connections refused over a cap (a flood is one line a second)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """The front end's deadlines and caps: the module constants unless a test sets smaller ones."""
+
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    header_timeout: float = HEADER_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP
+    max_in_flight: int = MAX_IN_FLIGHT
 
 
 class _Agent:
@@ -73,12 +99,27 @@ class _Agent:
             self.writer.write(data)
             await self.writer.drain()
 
+    async def _next_request(self, idle: float | None) -> object:
+        """The next request's head: idle s for its first byte (None: no wait), then its deadline."""
+        event = self.http.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        if idle is not None and not self.http.trailing_data[0]:
+            # Between keep-alive requests the wait may be long; once a request
+            # starts, its head must arrive within HEADER_TIMEOUT (a client
+            # trickling a head byte by byte holds the connection no longer).
+            async with asyncio.timeout(idle):
+                self.http.receive_data(await self.reader.read(CHUNK))
+        async with asyncio.timeout(self.front.limits.header_timeout):
+            return await self._receive(self.http, self.reader)
+
     async def serve(self) -> None:
         """Answer requests until the agent leaves, idles out or breaks the protocol."""
+        idle: float | None = None
         while True:
             try:
-                event = await asyncio.wait_for(self._receive(self.http, self.reader), IDLE_TIMEOUT)
-            except (TimeoutError, ConnectionError, ssl.SSLError):
+                event = await self._next_request(idle)
+            except OSError:  # TimeoutError (a deadline), a reset, a TLS error: nothing to say
                 return
             except h11.RemoteProtocolError as exc:
                 # Not our message: h11's may quote the agent's bytes, token and all.
@@ -93,6 +134,7 @@ class _Agent:
             if self.http.their_state is not h11.DONE:
                 return
             self.http.start_next_cycle()
+            idle = self.front.limits.idle_timeout
 
     async def _status(self, code: int, message: str, *, close: bool = False) -> None:
         """Answer with a Status of ours; with close, the connection ends after it."""
@@ -106,29 +148,13 @@ class _Agent:
             await self._send(h11.EndOfMessage())
 
     async def refuse(self, refused: Refused) -> bool:
-        """Answer a request with our Status; return whether the connection may go on."""
-        # RFC 9110 §10.1.1: a client waiting for 100 Continue is told no by
-        # the final status; it will not send the body, so none is read.
-        waiting = self.http.they_are_waiting_for_100_continue
-        keep = not waiting and await self._discard_body()
-        await self._status(refused.code, refused.message, close=not keep)
-        return keep
-
-    async def _discard_body(self) -> bool:
-        """Read and drop a refused request's body; False if the connection cannot go on."""
-        seen = 0
-        while self.http.their_state is h11.SEND_BODY:
-            try:
-                event = await asyncio.wait_for(self._receive(self.http, self.reader), 10.0)
-            except (TimeoutError, ConnectionError, ssl.SSLError, h11.RemoteProtocolError):
-                return False
-            if isinstance(event, h11.Data):
-                seen += len(event.data)
-                if seen > MAX_DISCARD:
-                    return False
-            elif not isinstance(event, h11.EndOfMessage):
-                return False
-        return self.http.their_state is h11.DONE
+        """Answer a request with our Status at once, and close: the connection cannot go on."""
+        # RFC 9112 §9.6: with "Connection: close" the answer need not wait for
+        # a body the client may still be sending (RFC 9110 §10.1.1: nor for
+        # one it waits to send after 100 Continue). Reading it first would let
+        # a client with no token hold the connection by trickling a body in.
+        await self._status(refused.code, refused.message, close=True)
+        return False
 
     async def _request(self, request: h11.Request) -> bool:
         """Serve one request; return whether the connection may carry another."""
@@ -145,17 +171,22 @@ class _Agent:
                 refused.message,
             )
             return await self.refuse(refused)
-        with telemetry.tracer().start_as_current_span(
-            "kubernetes request",
-            kind=trace.SpanKind.SERVER,
-            attributes={
-                "http.request.method": method,
-                "jitgate.connection": target.name,
-                "jitgate.grant_id": held.redeemed.grant_id,
-                "jitgate.session_id": held.session_id,
-            },
-        ):
-            return await _Forward(self, target, held).run(request, rest, query, upgrade)
+        # No await since _admit checked the cap: the count cannot be overtaken.
+        held.in_flight += 1
+        try:
+            with telemetry.tracer().start_as_current_span(
+                "kubernetes request",
+                kind=trace.SpanKind.SERVER,
+                attributes={
+                    "http.request.method": method,
+                    "jitgate.connection": target.name,
+                    "jitgate.grant_id": held.redeemed.grant_id,
+                    "jitgate.session_id": held.session_id,
+                },
+            ):
+                return await _Forward(self, target, held).run(request, rest, query, upgrade)
+        finally:
+            held.in_flight -= 1
 
     async def _admit(
         self, request: h11.Request, method: str
@@ -189,6 +220,10 @@ class _Agent:
         why = kubepolicy.refusal(method, "/" + rest, headers, scope)
         if why is not None:
             raise Refused(403, why)
+        cap = self.front.limits.max_in_flight
+        if held.in_flight >= cap:
+            # RFC 6585 §4: client-go backs off and retries a 429 (Retry-After: 1).
+            raise Refused(429, f"this grant already has {cap} requests in flight; retry")
         return target, "/" + rest, query, held, kubehttp.is_upgrade(request.headers)
 
 
@@ -197,6 +232,13 @@ def _is_watch(query: str, headers: kubehttp.Headers) -> bool:
     watching = parse_qs(query).get("watch", [""])[-1] in ("1", "true")
     types = [v for n, v in headers if n == b"content-type"]
     return watching and bool(types) and types[0].startswith(b"application/json")
+
+
+def _why(exc: BaseException) -> str:
+    """An error for the log in one line: h11's by name only (its text may quote a header)."""
+    if isinstance(exc, h11.ProtocolError) or not str(exc):
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def _loggable(target: bytes) -> str:
@@ -219,6 +261,8 @@ class _Forward:
         """The response is a JSON watch stream: one event per line."""
         self.boundary = False
         """What the agent got so far ends between two watch events."""
+        self.answered = False
+        """The agent has the response's head (or the 101): no Status of ours can follow."""
 
     def _abort(self, reason: str) -> None:
         """Cut the agent and the API server off now: the grant has ended."""
@@ -246,19 +290,62 @@ class _Forward:
 
     async def run(self, request: h11.Request, rest: str, query: str, upgrade: bool) -> bool:
         """Forward, relay the answer; return whether the agent connection may go on."""
+        try:
+            up, head = self._request_head(request, rest, query, upgrade)
+        except h11.LocalProtocolError:
+            # h11's message quotes the header value it refuses, and one of ours
+            # is the ServiceAccount token: a sentence only, never the exception.
+            log.error(
+                "session %s: the request to %s cannot be sent: a header value is not valid"
+                " HTTP (RFC 9110 §5.5); check the connection's token (values not logged)",
+                self.held.session_id,
+                self.target.name,
+            )
+            return await self.agent.refuse(
+                Refused(502, f"jitgate cannot forward requests to {self.target.name}")
+            )
         self.held.streams.add(self._abort)
         try:
-            return await self._run(request, rest, query, upgrade)
-        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, h11.ProtocolError):
+            return await self._run(request, up, head, query, upgrade)
+        except (OSError, EOFError, h11.ProtocolError) as exc:
+            # OSError: resets, TLS errors, timeouts (TimeoutError), either side;
+            # h11's errors are logged by name, their text may quote headers.
             if not self.cut:
+                self.held.failed += 1
                 log.info(
-                    "session %s: kubernetes stream ended early", self.held.session_id, exc_info=True
+                    "session %s: %s %s ended early: %s (%d so far in this session)",
+                    self.held.session_id,
+                    request.method.decode("ascii", "replace"),
+                    _loggable(request.target),
+                    _why(exc),
+                    self.held.failed,
                 )
+                if not self.answered:
+                    await self.agent._status(
+                        502, f"the API server of {self.target.name} did not answer", close=True
+                    )
             return False
         finally:
             self.held.streams.discard(self._abort)
             if self.upstream is not None:
                 self.upstream.transport.abort()  # one upstream connection per request
+
+    def _request_head(
+        self, request: h11.Request, rest: str, query: str, upgrade: bool
+    ) -> tuple[h11.Connection, bytes]:
+        """The upstream connection's h11 state and the request head for it; LocalProtocolError."""
+        url = urlsplit(self.target.server)
+        up = h11.Connection(h11.CLIENT)
+        # config.py checked the server URL: its path, if any, is a clean prefix.
+        path = url.path.rstrip("/") + rest + (f"?{query}" if query else "")
+        headers = kubehttp.upstream_request_headers(
+            request.headers,
+            host=url.netloc.rpartition("@")[2].encode(),  # never a userinfo part
+            token=self.target.token,
+            upgrade=upgrade,
+        )
+        head = up.send(h11.Request(method=request.method, target=path.encode(), headers=headers))
+        return up, head or b""
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A TLS connection to the connection's API server, or Refused(503)."""
@@ -280,48 +367,52 @@ class _Forward:
             raise Refused(503, f"cannot reach the API server of {self.target.name}") from None
         return reader, writer
 
-    async def _run(self, request: h11.Request, rest: str, query: str, upgrade: bool) -> bool:
+    async def _run(
+        self, request: h11.Request, up: h11.Connection, head: bytes, query: str, upgrade: bool
+    ) -> bool:
         """Forward the request, then relay the response (or the switched protocol)."""
         agent, stats = self.agent, self.held.stats
-        url = urlsplit(self.target.server)
         try:
             reader, self.upstream = await self._connect()
         except Refused as refused:
+            self.answered = True
             return await agent.refuse(refused)
         if self.cut:
             return False
-        up = h11.Connection(h11.CLIENT)
-        path = url.path.rstrip("/") + rest + (f"?{query}" if query else "")
-        headers = kubehttp.upstream_request_headers(
-            request.headers,
-            host=url.netloc.rpartition("@")[2].encode(),  # never a userinfo part
-            token=self.target.token,
-            upgrade=upgrade,
-        )
-        self.upstream.write(
-            up.send(h11.Request(method=request.method, target=path.encode(), headers=headers))
-            or b""
-        )
-        # The request body, as it comes (a create or a patch; never large).
+        self.upstream.write(head)
+        # The request body, as it comes (a create or a patch; never large),
+        # within one deadline for all of it: a grant holder trickling a body
+        # must not hold a connection here and one upstream.
         if agent.http.they_are_waiting_for_100_continue:
             await agent._send(h11.InformationalResponse(status_code=100, headers=[]))
-        while agent.http.their_state is h11.SEND_BODY:
-            event = await agent._receive(agent.http, agent.reader)
-            if isinstance(event, h11.Data):
-                stats.bytes_from_client += len(event.data)
-                self.upstream.write(up.send(event) or b"")
-                await self.upstream.drain()
-            elif isinstance(event, h11.EndOfMessage):
-                self.upstream.write(up.send(h11.EndOfMessage()) or b"")
-            else:
-                return False
-        if up.our_state is h11.SEND_BODY:
-            self.upstream.write(up.send(h11.EndOfMessage()) or b"")
-        await self.upstream.drain()
+        deadline = asyncio.timeout(agent.front.limits.body_timeout)
+        try:
+            async with deadline:
+                if not await self._body(up):
+                    return False
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # a socket's own timeout, not our deadline
+            limit = agent.front.limits.body_timeout
+            log.info(
+                "session %s: %s request body not received within %g s",
+                self.held.session_id,
+                _loggable(request.target),
+                limit,
+            )
+            self.answered = True
+            # RFC 9110 §15.5.9: 408, and the connection closes.
+            message = f"the request body did not arrive within {limit:g} s"
+            await agent._status(408, message, close=True)
+            return False
         response = await self._response(up, reader)
         if response is None:
-            await agent._status(502, f"the API server of {self.target.name} did not answer")
+            self.answered = True
+            await agent._status(
+                502, f"the API server of {self.target.name} did not answer", close=True
+            )
             return False
+        self.answered = True
         if isinstance(response, h11.InformationalResponse):
             return await self._switch(up, reader, response, request.target)
         headers, dropped = kubehttp.agent_response_headers(
@@ -366,10 +457,29 @@ class _Forward:
         finally:
             gone.cancel()
 
+    async def _body(self, up: h11.Connection) -> bool:
+        """Copy the agent's request body upstream; False if the agent's request broke off."""
+        agent, stats = self.agent, self.held.stats
+        assert self.upstream is not None
+        while agent.http.their_state is h11.SEND_BODY:
+            event = await agent._receive(agent.http, agent.reader)
+            if isinstance(event, h11.Data):
+                stats.bytes_from_client += len(event.data)
+                self.upstream.write(up.send(event) or b"")
+                await self.upstream.drain()
+            elif isinstance(event, h11.EndOfMessage):
+                self.upstream.write(up.send(h11.EndOfMessage()) or b"")
+            else:
+                return False
+        if up.our_state is h11.SEND_BODY:
+            self.upstream.write(up.send(h11.EndOfMessage()) or b"")
+        await self.upstream.drain()
+        return True
+
     async def _agent_gone(self) -> None:
         """Abort the upstream stream once the agent closes its connection mid-response."""
         agent, kept = self.agent, 0
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
+        with contextlib.suppress(OSError):
             # RFC 9112 §9.3.2: a client may pipeline its next request; h11 keeps
             # those bytes for the next cycle. Past CHUNK of them, stop looking.
             while kept <= CHUNK and (data := await agent.reader.read(CHUNK)):
@@ -399,7 +509,10 @@ class _Forward:
                 return None
         except (TimeoutError, h11.RemoteProtocolError) as exc:
             log.warning(
-                "session %s: the API server of %s: %s", self.held.session_id, self.target.name, exc
+                "session %s: the API server of %s: %s",
+                self.held.session_id,
+                self.target.name,
+                _why(exc),
             )
             return None
 
@@ -416,6 +529,7 @@ class _Forward:
         headers, _ = kubehttp.agent_response_headers(
             response.headers, secret=self.target.token, switching=True
         )
+        self.answered = True
         await agent._send(h11.InformationalResponse(status_code=101, headers=headers))
         log.info(
             "session %s: %s upgraded to %s",
@@ -457,7 +571,7 @@ async def _pump(
     source: asyncio.StreamReader, sink: asyncio.StreamWriter, count: Callable[[int], None]
 ) -> None:
     """Copy bytes until the source ends; drain keeps a slow reader from filling memory."""
-    with contextlib.suppress(ConnectionError, ssl.SSLError):
+    with contextlib.suppress(OSError):
         while data := await source.read(CHUNK):
             count(len(data))
             sink.write(data)
@@ -482,14 +596,21 @@ class KubeFrontend:
         tls: ssl.SSLContext,
         listen: str,
         upstream_tls: Callable[[KubeTarget], ssl.SSLContext] = upstream_context,
+        limits: Limits = Limits(),  # frozen: one shared default is safe
     ) -> None:
         self.targets = dict(targets)
         self.grants = Grants(gate)
+        self.limits = limits
         self._tls = tls
         self._listen = listen
         self._contexts = {name: upstream_tls(t) for name, t in self.targets.items()}
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._open: dict[str, int] = {}
+        """Connections open by client address."""
+        self._over_cap = 0
+        """Connections refused over a cap since the last log line about it."""
+        self._over_cap_logged = -REFUSAL_LOG_INTERVAL
 
     def upstream_tls(self, target: KubeTarget) -> ssl.SSLContext:
         """The TLS context for target's API server, made once at start-up."""
@@ -502,6 +623,11 @@ class KubeFrontend:
         bound: int = self._server.sockets[0].getsockname()[1]
         return bound
 
+    @property
+    def connections(self) -> int:
+        """Agent connections open now (past their TLS handshake)."""
+        return sum(self._open.values())
+
     async def start(self) -> str:
         """Listen; return host:port."""
         host, _, port = self._listen.rpartition(":")
@@ -510,24 +636,80 @@ class KubeFrontend:
             host.strip("[]"),
             int(port),
             ssl=self._tls,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            ssl_handshake_timeout=self.limits.handshake_timeout,
         )
         return f"{host}:{self.port} (kubernetes: {', '.join(sorted(self.targets))})"
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one agent connection until it ends; never raises."""
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            await _Agent(self, reader, writer).serve()
-        except Exception:
-            log.exception("kubernetes agent connection failed")
-        finally:
+    def _admit(self, address: str) -> bool:
+        """Count a new connection from address; False (and logged) if over a cap."""
+        total, mine = self.connections, self._open.get(address, 0)
+        if total < self.limits.max_connections and mine < self.limits.max_connections_per_ip:
+            self._open[address] = mine + 1
+            return True
+        self._over_cap += 1
+        now = time.monotonic()
+        if now - self._over_cap_logged >= REFUSAL_LOG_INTERVAL:
+            log.warning(
+                "kubernetes: refused %d new connection(s) over the cap, the last from %s"
+                " (%d open, %d from it; caps %d and %d per address)",
+                self._over_cap,
+                address,
+                total,
+                mine,
+                self.limits.max_connections,
+                self.limits.max_connections_per_ip,
+            )
+            self._over_cap, self._over_cap_logged = 0, now
+        return False
+
+    def _release(self, address: str) -> None:
+        """Uncount a connection from address."""
+        left = self._open.get(address, 0) - 1
+        if left > 0:
+            self._open[address] = left
+        else:
+            self._open.pop(address, None)
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A new agent connection (TLS done): count it, or refuse it over a cap; serve it."""
+        # A plain function, not a coroutine: the task below is ours, so a
+        # cancelled one (stop) is no "Exception in callback" of asyncio's.
+        peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+        if not self._admit(address):
+            # Nothing of the request is read: a 503 Status ahead of it
+            # (RFC 9110 §15.6.4), "Connection: close", and the socket closes.
+            body = kubehttp.status(503, "too many connections to jitgate; retry")
+            head = [*kubehttp.status_headers(503, body), (b"connection", b"close")]
+            writer.write(
+                b"HTTP/1.1 503 Service Unavailable\r\n"
+                + b"".join(name + b": " + value + b"\r\n" for name, value in head)
+                + b"\r\n"
+                + body
+            )
+            writer.close()
+            return
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._tasks.add(task)
+
+        def done(_: asyncio.Task[None]) -> None:
+            """Close and uncount the connection, however its task ended (cancelled by stop too)."""
+            self._tasks.discard(task)
+            self._release(address)
             with contextlib.suppress(Exception):
                 writer.close()
-            if task is not None:
-                self._tasks.discard(task)
+
+        task.add_done_callback(done)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The agent's requests until the connection ends; raises only cancellation (stop)."""
+        try:
+            await _Agent(self, reader, writer).serve()
+        except h11.ProtocolError as exc:
+            # By name only: h11's text can quote a header, ours carry the token.
+            log.warning("kubernetes agent connection failed: %s", type(exc).__name__)
+        except Exception:
+            log.exception("kubernetes agent connection failed")
 
     async def stop(self) -> None:
         """Stop listening, cut every request and end every hold."""

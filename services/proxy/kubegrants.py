@@ -54,6 +54,10 @@ class Held:
     lease: Lease
     stats: Relay
     streams: set[Callable[[str], None]] = field(default_factory=set)
+    in_flight: int = 0
+    """Requests of the grant being served now (capped by kube.Limits.max_in_flight)."""
+    failed: int = 0
+    """Requests cut short by an error talking to the API server or the agent."""
 
     def cut(self, reason: str) -> None:
         """The lease ended: abort every request of the grant still in flight."""
@@ -172,10 +176,14 @@ class Grants:
 def _refusal(exc: BaseException, session_id: str, client: str) -> Refused:
     """What the agent is told when a grant cannot be redeemed; the log says more."""
     if isinstance(exc, (Unauthenticated, InvalidArgument, NotFound)):
-        log.info("session %s from %s: grant token rejected", session_id, client)
-        return Refused(401, "the grant token is not valid")
+        # The reason (expired, signature, format, …) is the operator's, as for
+        # SSH; the agent learns only whether asking for a new grant would help.
+        log.info("session %s from %s: grant token rejected: %s", session_id, client, exc)
+        expired = isinstance(exc, Unauthenticated) and exc.check == "expired"
+        return Refused(401, DENIALS["GRANT_EXPIRED" if expired else "GRANT_INVALID"])
     if isinstance(exc, PermissionDenied):
-        log.info("session %s from %s: %s", session_id, client, exc.reason)
+        # Wrong connection or kind, revoked, not live: the message says which, never a token.
+        log.info("session %s from %s: grant refused: %s", session_id, client, exc)
         code = 403 if exc.reason == "WRONG_CONNECTION" else 401
         return Refused(code, DENIALS.get(exc.reason, "grant refused"))
     if isinstance(exc, Unavailable):

@@ -12,6 +12,8 @@ REASONS = {
     401: "Unauthorized",
     403: "Forbidden",
     404: "NotFound",
+    408: "Timeout",
+    429: "TooManyRequests",
     502: "InternalError",
     503: "ServiceUnavailable",
 }
@@ -56,6 +58,9 @@ def status_headers(code: int, body: bytes) -> Headers:
     if code == 401:
         # RFC 9110 §11.6.1: a 401 names the scheme the client should use.
         headers.append((b"www-authenticate", b'Bearer realm="jitgate"'))
+    if code == 429:
+        # RFC 6585 §4 and RFC 9110 §10.2.3: when to try again, in seconds.
+        headers.append((b"retry-after", b"1"))
     return headers
 
 

@@ -4,7 +4,7 @@ The proxy forwards a request only if `refusal` returns None; otherwise the
 agent gets a 403 Status with the returned reason. The rules are an
 allow-list: discovery (read only), the granted namespace object (read only)
 and everything under the granted namespace's paths, minus the subresources
-the connection does not allow.
+the connection does not allow and ServiceAccount token requests, never allowed.
 """
 
 from __future__ import annotations
@@ -77,8 +77,20 @@ def _discovery(parts: list[str]) -> bool:
 
 def _subresource(rest: list[str], scope: Scope) -> str | None:
     """The refusal for a path below namespaces/<ns>/ (rest: resource, name, subresource, …)."""
+    if len(rest) >= 3 and rest[0] == "serviceaccounts" and rest[2] == "token":
+        # A TokenRequest mints a credential of the cluster's own, one that
+        # outlives the grant and works without the proxy: never, whatever RBAC says.
+        return (
+            "ServiceAccount tokens (serviceaccounts/<name>/token) are not minted through"
+            " jitgate: a credential must not outlive the grant"
+        )
     if len(rest) >= 3 and rest[2] in EXEC and rest[0] == "pods" and not scope.allow_exec:
         return f"{rest[2]} into pods is not allowed on this connection"
+    # An ephemeral container runs a command of the agent's choice inside the
+    # pod: exec by another name, allowed exactly when exec is.
+    ephemeral = len(rest) >= 3 and rest[2] == "ephemeralcontainers" and rest[0] == "pods"
+    if ephemeral and not scope.allow_exec:
+        return "ephemeral containers in pods are not allowed on this connection (as exec)"
     # portforward reaches any port of a pod, and the proxy subresources (pods,
     # services, …/proxy) relay HTTP to any port too: both open a path into the
     # namespace's network that the API's own verbs do not, so both are

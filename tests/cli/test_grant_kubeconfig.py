@@ -154,3 +154,43 @@ def test_the_grants_namespace_is_the_contexts_and_survives_the_store(
     assert run("kubeconfig", "g-123", "-o", str(out)) == grant_cli.EXIT_OK
     [context] = _view(out)["contexts"]  # type: ignore[misc]
     assert context["context"]["namespace"] == "payments"
+
+
+class _Issuer:
+    """An issuer client that grants whatever is asked, as `grant request` calls it."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def request_grant(self, connection: str, *, ttl_seconds: int, reason: str) -> Grant:
+        return grant(f"g-{self.kind}", kind=self.kind)
+
+
+@pytest.mark.parametrize("kind", ["postgres", "ssh"])
+def test_grant_request_stores_no_token_of_other_kinds(
+    home: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = argparse.Namespace(action="request", connection="c", ttl=0, reason="", json=True)
+    grant_cli._act(_Issuer(kind), args)  # type: ignore[arg-type]
+    assert json.loads(capsys.readouterr().out)["token"] == "grant.token.value"  # shown once
+    assert not list(home.glob("grants/*"))  # and never written to disk
+
+
+def test_grant_request_stores_a_kubernetes_grant_for_kubeconfig(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = argparse.Namespace(action="request", connection="c", ttl=0, reason="", json=True)
+    grant_cli._act(_Issuer("kubernetes"), args)  # type: ignore[arg-type]
+    assert GrantStore().load("g-kubernetes") == grant("g-kubernetes")
+    assert run("kubeconfig", "g-kubernetes") == grant_cli.EXIT_OK
+    assert '    token: "grant.token.value"' in capsys.readouterr().out
+
+
+def test_grant_request_help_says_only_kubernetes_grants_are_stored(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        run("request", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "A kubernetes grant is also kept, token included, in $JITGATE_HOME/grants" in text
+    assert "grants of other kinds are not stored" in text

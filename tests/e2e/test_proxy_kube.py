@@ -272,6 +272,18 @@ def test_kubectl_is_refused_with_a_403_status_and_the_test_api_server_sees_nothi
     assert not any(k.startswith("impersonate-") for s in seen for k in s.headers)
 
 
+def test_kubectl_create_token_is_refused_whatever_rbac_allows(
+    agent: Agent, kubeapi: KubeApi
+) -> None:
+    # A TokenRequest would mint a cluster credential that outlives the grant.
+    before = len(kubeapi.seen)
+    refused = agent.kubectl("create", "token", "default")
+    assert refused.returncode != 0
+    assert "jitgate: ServiceAccount tokens" in refused.stderr
+    assert "are not minted through jitgate" in refused.stderr
+    assert not [s for s in kubeapi.seen[before:] if s.path.endswith("/token")]
+
+
 @pytest.mark.parametrize(
     ("path", "headers", "message"),
     [
@@ -280,6 +292,11 @@ def test_kubectl_is_refused_with_a_403_status_and_the_test_api_server_sees_nothi
         (f"/api/v1/namespaces/{NAMESPACE}/pods", {"Impersonate-User": "admin"}, "impersonation"),
         ("/apis/rbac.authorization.k8s.io/v1/clusterroles", {}, "cluster-scoped"),
         (f"/api/v1/namespaces/{NAMESPACE}%2F..%2Fkube-system/pods", {}, "ambiguous"),
+        (
+            f"/api/v1/namespaces/{NAMESPACE}/pods/api-0/ephemeralcontainers",
+            {},
+            "ephemeral containers in pods are not allowed",
+        ),
     ],
 )
 def test_the_refusal_is_a_kubernetes_status_object(
@@ -431,13 +448,16 @@ def test_a_watch_is_cut_when_the_grant_expires(stack: Stack, tmp_path: Path) -> 
     assert "no live grant" in written.stderr
 
 
-def test_kubeconfig_refuses_a_grant_of_another_kind(stack: Stack, tmp_path: Path) -> None:
+def test_a_grant_of_another_kind_is_not_stored_and_gets_no_kubeconfig(
+    stack: Stack, tmp_path: Path
+) -> None:
     requested = _jitgate(stack, tmp_path, "grant", "request", "orders-replica", "--json")
     assert requested.returncode == 0, requested.stderr
     grant_id = json.loads(requested.stdout)["grant_id"]
+    assert not list(tmp_path.glob("grants/*"))  # its token was printed, never written to disk
     written = _jitgate(stack, tmp_path, "grant", "kubeconfig", grant_id)
-    assert written.returncode == 2
-    assert "not kubernetes" in written.stderr
+    assert written.returncode == 6
+    assert "only kubernetes grants are kept" in written.stderr
 
 
 @pytest.mark.parametrize(

@@ -151,3 +151,87 @@ def test_other_kinds_mistakes_name_their_key(
     assert old in OTHER_KINDS
     with pytest.raises(ConfigError, match=message):
         config.parse(OTHER_KINDS.replace(old, new), base=kinds_base)
+
+
+@pytest.mark.parametrize(
+    ("ending", "where"),
+    [("\r\n", "env"), (" \n", "file"), ("\t", "env"), ("  ", "file"), (" ", "env")],
+)
+def test_a_kubernetes_token_is_stripped_whole(
+    kinds_base: Path, monkeypatch: pytest.MonkeyPatch, ending: str, where: str
+) -> None:
+    text = OTHER_KINDS
+    if where == "file":
+        (kinds_base / "sa.token").write_text("sa-Token_1.2~3+4/5==" + ending)
+        text = text.replace('token_env = "JG_TEST_KUBE_TOKEN"', 'token_file = "sa.token"')
+    else:
+        monkeypatch.setenv("JG_TEST_KUBE_TOKEN", "sa-Token_1.2~3+4/5==" + ending)
+    kube = config.parse(text, base=kinds_base)["payments-staging"]
+    assert isinstance(kube, config.KubeTarget)
+    assert kube.token == "sa-Token_1.2~3+4/5=="
+
+
+@pytest.mark.parametrize(
+    ("token", "key"),
+    [
+        ("s3cret part two", "token_env"),
+        ("s3cret\rmore", "token_env"),
+        ("s3cret=tail", "token_env"),
+        ('s3cret"quoted', "token_file"),
+        ("s3cret\u00e9", "token_file"),
+    ],
+)
+def test_a_kubernetes_token_outside_rfc_6750_is_refused_by_key_not_value(
+    kinds_base: Path, monkeypatch: pytest.MonkeyPatch, token: str, key: str
+) -> None:
+    text = OTHER_KINDS
+    if key == "token_file":
+        (kinds_base / "sa.token").write_text(token)
+        text = text.replace('token_env = "JG_TEST_KUBE_TOKEN"', 'token_file = "sa.token"')
+    else:
+        monkeypatch.setenv("JG_TEST_KUBE_TOKEN", token)
+    with pytest.raises(
+        ConfigError, match=rf"connections\.payments-staging\.{key}: .*RFC 6750"
+    ) as raised:
+        config.parse(text, base=kinds_base)
+    assert "s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ("https://", "https:// URL with a host"),
+        ("https://:6443", "https:// URL with a host"),
+        ("HTTP://k8s.internal", "https:// URL with a host"),
+        ("k8s.internal:6443", "https:// URL with a host"),
+        ("https://k8s.internal:99999", "not a valid URL"),
+        ("https://k8s.internal:64x3", "not a valid URL"),
+        ("https://k8s.internal:0", "port must be 1 to 65535"),
+        ("https://k8s.internal:", "port must be 1 to 65535"),
+        ("https://admin:pw@k8s.internal", "no user or password"),
+        ("https://admin@k8s.internal", "no user or password"),
+        ("https://k8s.internal/?x=1", "no query or fragment"),
+        ("https://k8s.internal?", "no query or fragment"),
+        ("https://k8s.internal/#frag", "no query or fragment"),
+        ("https://k8s.internal/a/../b", "path prefix"),
+        ("https://k8s.internal/a%2Fb", "path prefix"),
+        ("https://k8s.internal//a", "path prefix"),
+    ],
+)
+def test_a_bad_kubernetes_server_url_stops_startup(
+    kinds_base: Path, server: str, message: str
+) -> None:
+    text = OTHER_KINDS.replace("https://k8s.staging.internal:6443/", server)
+    with pytest.raises(ConfigError, match=rf"connections\.payments-staging\.server: .*{message}"):
+        config.parse(text, base=kinds_base)
+
+
+@pytest.mark.parametrize(
+    "server",
+    ["https://k8s.internal", "https://[fd00::1]:6443", "https://k8s.internal:6443/prefix/k8s/"],
+)
+def test_a_good_kubernetes_server_url(kinds_base: Path, server: str) -> None:
+    text = OTHER_KINDS.replace("https://k8s.staging.internal:6443/", server)
+    kube = config.parse(text, base=kinds_base)["payments-staging"]
+    assert isinstance(kube, config.KubeTarget)
+    assert kube.server == server.rstrip("/")  # kube.py puts the path prefix before each path

@@ -79,6 +79,17 @@ RULES = [
     ("GET", f"{NS}/services/web/proxy/x", SCOPE, "services/proxy"),
     ("GET", f"{NS}/services/web/proxy/x", FORWARD, None),
     ("POST", f"{NS}/pods/api-0/exec", FORWARD, "exec into pods"),
+    # An ephemeral container runs a command in the pod: exec by another name.
+    ("PATCH", f"{NS}/pods/api-0/ephemeralcontainers", SCOPE, "ephemeral containers"),
+    ("PUT", f"{NS}/pods/api-0/ephemeralcontainers", FORWARD, "ephemeral containers"),
+    ("GET", f"{NS}/pods/api-0/ephemeralcontainers", SCOPE, "ephemeral containers"),
+    ("PATCH", f"{NS}/pods/api-0/ephemeralcontainers", EXEC, None),
+    # A TokenRequest mints a credential that outlives the grant: never, any scope.
+    ("POST", f"{NS}/serviceaccounts/default/token", SCOPE, "not minted through jitgate"),
+    ("POST", f"{NS}/serviceaccounts/deployer/token", EXEC, "not minted through jitgate"),
+    ("POST", f"{NS}/serviceaccounts/deployer/token", FORWARD, "not minted through jitgate"),
+    ("GET", f"{NS}/serviceaccounts/deployer/token", SCOPE, "not minted through jitgate"),
+    ("GET", f"{NS}/serviceaccounts/deployer", SCOPE, None),
     # Paths two parsers could read differently are refused, not normalised.
     ("GET", f"{NS}/../../nodes", SCOPE, "ambiguous"),
     ("GET", f"{NS}/./pods", SCOPE, "ambiguous"),
@@ -171,6 +182,10 @@ def test_a_status_is_what_the_api_server_would_send() -> None:
     assert json.loads(kubehttp.status(401, "x"))["reason"] == "Unauthorized"
     assert dict(kubehttp.status_headers(401, b""))[b"www-authenticate"].startswith(b"Bearer")
     assert json.loads(kubehttp.status(503, "x"))["reason"] == "ServiceUnavailable"
+    # Too many requests in flight on one grant: client-go backs off on a 429's Retry-After.
+    assert json.loads(kubehttp.status(429, "x"))["reason"] == "TooManyRequests"
+    assert dict(kubehttp.status_headers(429, b""))[b"retry-after"] == b"1"
+    assert json.loads(kubehttp.status(408, "x"))["reason"] == "Timeout"
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,13 @@ and, where used, kubectl are real.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,11 @@ from jitgate.common.config import Env
 from jitgate.common.errors import PermissionDenied, Unauthenticated, Unavailable
 from jitgate.devstack import pki
 from jitgate.devstack.redis_server import free_port
+from jitgate.proxy import kube
 from jitgate.proxy.config import KubeTarget
 from jitgate.proxy.gate import Gate
 from jitgate.proxy.grantcheck import Claims
-from jitgate.proxy.kube import KubeFrontend
+from jitgate.proxy.kube import KubeFrontend, Limits
 from jitgate.proxy.main import frontends
 from jitgate.proxy.server import agent_tls
 from jitgate.proxy.session import Redeemed, Registry, Relay
@@ -67,8 +70,15 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(kubeapi: KubeApi, dev_pki: pki.DevPki) -> AsyncIterator[Rig]:
-    """A KubeFrontend for three connections: plain, exec allowed, and an unreachable server."""
+def limits(request: pytest.FixtureRequest) -> Limits:
+    """The rig's limits: the defaults, or a test's own (parametrize "limits" indirectly)."""
+    chosen: Limits = getattr(request, "param", Limits())
+    return chosen
+
+
+@pytest.fixture
+async def rig(kubeapi: KubeApi, dev_pki: pki.DevPki, limits: Limits) -> AsyncIterator[Rig]:
+    """A KubeFrontend for connections: plain, exec allowed, unreachable, bad token, prefixed."""
     ca = str(kubeapi.files.ca)
     targets = {
         "payments": KubeTarget(
@@ -89,6 +99,17 @@ async def rig(kubeapi: KubeApi, dev_pki: pki.DevPki) -> AsyncIterator[Rig]:
             token=SA,
             ca_file=str(dev_pki.ca),  # not the CA that signed the test API server's certificate
         ),
+        # Built here as config.py now refuses to: a token h11 will not put in a header.
+        "badtoken": KubeTarget(
+            name="badtoken", server=kubeapi.url, namespace="payments", token=SA + " ", ca_file=ca
+        ),
+        "prefixed": KubeTarget(
+            name="prefixed",
+            server=kubeapi.url + "/prefix/k8s",
+            namespace="payments",
+            token=SA,
+            ca_file=ca,
+        ),
     }
     registry = Registry()
     tls = agent_tls(str(dev_pki.files("proxy").cert), str(dev_pki.files("proxy").key))
@@ -103,6 +124,10 @@ async def rig(kubeapi: KubeApi, dev_pki: pki.DevPki) -> AsyncIterator[Rig]:
             raise PermissionDenied("WRONG_CONNECTION", "another connection")
         if token == "revoked":
             raise PermissionDenied("GRANT_REVOKED", "revoked")
+        if token == "expired":
+            raise Unauthenticated("expired", "exp 1 <= now 2 - leeway")
+        if token == "not-live":
+            raise PermissionDenied("GRANT_EXPIRED", "this grant is not live")
         if token != GRANT:
             raise Unauthenticated("signature", "bad")
         return Claims(
@@ -127,7 +152,9 @@ async def rig(kubeapi: KubeApi, dev_pki: pki.DevPki) -> AsyncIterator[Rig]:
         state.reports.append(relay)
 
     gate = Gate(check=check, redeem=redeem, report=report, registry=registry)
-    state.front = KubeFrontend(gate=gate, targets=targets, tls=tls, listen="127.0.0.1:0")
+    state.front = KubeFrontend(
+        gate=gate, targets=targets, tls=tls, listen="127.0.0.1:0", limits=limits
+    )
     await state.front.start()
     yield state
     await state.front.stop()
@@ -230,6 +257,11 @@ async def test_the_hold_ends_at_expiry_without_any_request(rig: Rig) -> None:
         (get("/api/v1/namespaces/payments/pods"), 404, "/connections/<name>"),
         (get("/connections/payments"), 404, "no such path"),
         (get("/connections/payments/api/v1/nodes"), 403, "cluster-scoped"),
+        (
+            get("/connections/payments-exec/api/v1/namespaces/payments/serviceaccounts/x/token"),
+            403,
+            "ServiceAccount tokens (serviceaccounts/<name>/token) are not minted through jitgate",
+        ),
         (get("/connections/payments/api/v1/namespaces/payments%2F../pods"), 403, "ambiguous"),
         (
             get("/connections/payments/version", GRANT, "Impersonate-Group: system:masters"),
@@ -369,7 +401,8 @@ async def exchange(rig: Rig, raw: bytes, count: int) -> list[Reply]:
                 else:
                     break
             replies.append(reply)
-            client.start_next_cycle()
+            if len(replies) < count:
+                client.start_next_cycle()
     finally:
         writer.close()
     return replies
@@ -392,17 +425,19 @@ async def test_bodies_cross_and_one_connection_carries_many_requests(
     pods = "/connections/payments/api/v1/namespaces/payments/pods"
     raw = (
         post(pods, b'{"kind":"Pod"}')
-        + post("/connections/payments/api/v1/nodes", b'{"kind":"Node"}')  # refused, body dropped
         + post(pods, b'{"kind":"Pod","chunked":true}', chunked=True)
         + get("/connections/payments/version")
+        + post("/connections/payments/api/v1/nodes", b'{"kind":"Node"}')  # refused: the last
     )
     before = len(kubeapi.seen)
     replies = await exchange(rig, raw, 4)
     # The test API server only reads: its 405 Status comes back as it sent it.
-    assert [r.status for r in replies] == [405, 403, 405, 200]
+    assert [r.status for r in replies] == [405, 405, 200, 403]
     assert replies[0].json()["reason"] == "MethodNotAllowed"
-    assert replies[1].json()["message"].startswith("jitgate: cluster-scoped")
-    assert replies[3].json()["gitVersion"].endswith("jitgate-test-api")
+    assert replies[2].json()["gitVersion"].endswith("jitgate-test-api")
+    assert replies[3].json()["message"].startswith("jitgate: cluster-scoped")
+    # A refusal ends the connection (RFC 9112 §9.6): its body is never waited for.
+    assert replies[3].headers[b"connection"] == b"close"
     seen = kubeapi.seen[before:]
     assert [(s.method, s.body) for s in seen] == [
         ("POST", b'{"kind":"Pod"}'),
@@ -441,3 +476,327 @@ async def test_the_proxy_serves_kubernetes_when_configured_over_http_1_1(
         writer.close()
     finally:
         await front.stop()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a condition of the front end's state that no event announces; fail at timeout."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not so within {timeout} s")
+
+
+class Client:
+    """One agent connection over TLS, its responses parsed by h11 as they come."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.http = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def open(cls, rig: Rig) -> Client:
+        """Connect and finish the TLS handshake."""
+        context = ssl.create_default_context(cafile=str(rig.ca))
+        return cls(*await asyncio.open_connection("127.0.0.1", rig.port, ssl=context))
+
+    def write(self, raw: bytes) -> None:
+        """Send raw bytes; the h11 client expects one response per call."""
+        if self.http.our_state is h11.DONE:
+            self.http.start_next_cycle()
+        self.http.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+        self.http.send(h11.EndOfMessage())
+        self.writer.write(raw)
+
+    async def event(self) -> object:
+        """The next event of the response."""
+        while (event := self.http.next_event()) is h11.NEED_DATA:
+            self.http.receive_data(await self.reader.read(65536))
+        return event
+
+    async def head(self) -> int:
+        """The response's status code, its body still to come."""
+        event = await asyncio.wait_for(self.event(), 10)
+        assert isinstance(event, h11.Response)
+        return event.status_code
+
+    async def reply(self) -> Reply:
+        """The whole response."""
+        reply = Reply(0, {}, b"")
+        while True:
+            event = await self.event()
+            if isinstance(event, h11.Response):
+                reply.status, reply.headers = event.status_code, dict(event.headers)
+            elif isinstance(event, h11.Data):
+                reply.body += event.data
+            else:
+                return reply
+
+    async def closed(self) -> bool:
+        """Whether the proxy closed the connection (read until its end)."""
+        try:
+            return await self.reader.read() == b""
+        except (ConnectionError, ssl.SSLError):
+            return True
+
+    def close(self) -> None:
+        """Close our side."""
+        self.writer.close()
+
+
+def _no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    """No log record carries a traceback, and none is an error of asyncio's or ours."""
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_token_h11_refuses_gives_a_502_and_never_reaches_the_log(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    before = len(rig.front.grants)
+    reply = await send(rig, get("/connections/badtoken/version"))
+    assert (reply.status, reply.json()["reason"]) == (502, "InternalError")
+    assert "jitgate cannot forward requests to badtoken" in reply.json()["message"]
+    assert reply.headers[b"connection"] == b"close"
+    assert SA not in caplog.text
+    assert [r.exc_info for r in caplog.records if r.exc_info] == []
+    [line] = [r.getMessage() for r in caplog.records if "cannot be sent" in r.getMessage()]
+    assert "check the connection's token (values not logged)" in line
+    assert len(rig.front.grants) == before + 1  # the grant itself was fine
+
+
+async def test_expired_and_not_live_grants_are_told_so_and_the_log_says_why(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="jitgate.proxy.kubegrants")
+    for token in ("expired", "not-live"):
+        reply = await send(rig, get("/connections/payments/version", token))
+        assert (reply.status, reply.json()["message"]) == (
+            401,
+            "jitgate: this grant has expired or is not live",
+        )
+    for token, code, message in [
+        ("garbage", 401, "this grant is not valid"),
+        ("revoked", 401, "this grant was revoked"),
+        ("other", 403, "this grant is for another connection"),
+    ]:
+        reply = await send(rig, get("/connections/payments/version", token))
+        assert (reply.status, reply.json()["message"]) == (code, f"jitgate: {message}")
+    text = caplog.text
+    assert "grant token rejected: expired: exp 1 <= now 2" in text
+    assert "grant token rejected: signature: bad" in text
+    assert "grant refused: GRANT_EXPIRED: this grant is not live" in text
+    assert "grant refused: GRANT_REVOKED" in text
+    assert "grant refused: WRONG_CONNECTION: another connection" in text
+
+
+async def test_a_refusal_is_answered_at_once_and_closes_without_reading_the_body(
+    rig: Rig,
+) -> None:
+    client = await Client.open(rig)
+    try:
+        # No token, a body announced and never sent: the slow-loris of before authentication.
+        client.write(
+            b"POST /connections/payments/api/v1/namespaces/payments/pods HTTP/1.1\r\n"
+            b"Host: p\r\nContent-Length: 1000000\r\n\r\n{"
+        )
+        reply = await asyncio.wait_for(client.reply(), 5)  # the old drain waited 10 s a read
+        assert (reply.status, reply.json()["reason"]) == (401, "Unauthorized")
+        assert reply.headers[b"connection"] == b"close"
+        assert await asyncio.wait_for(client.closed(), 5)
+    finally:
+        client.close()
+    await until(lambda: rig.front.connections == 0)
+
+
+HEADS = Limits(header_timeout=0.5, idle_timeout=30.0)
+
+
+@pytest.mark.parametrize("limits", [HEADS], indirect=True)
+async def test_a_request_head_trickled_in_is_cut_at_the_header_deadline(rig: Rig) -> None:
+    client = await Client.open(rig)
+
+    async def trickle() -> None:
+        """A head one byte every 50 ms: 2.5 s for 50 bytes, never finished."""
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            for byte in b"GET /connections/payments/version HTTP/1.1\r\nHost: p\r\n":
+                client.writer.write(bytes([byte]))
+                await client.writer.drain()
+                await asyncio.sleep(0.05)
+
+    dripping = asyncio.create_task(trickle())
+    try:
+        # Deadline 0.5 s; the margin is for a busy machine. Before: IDLE_TIMEOUT, 90 s.
+        assert await asyncio.wait_for(client.closed(), 5)
+    finally:
+        dripping.cancel()
+        client.close()
+
+
+@pytest.mark.parametrize("limits", [HEADS], indirect=True)
+async def test_the_wait_between_keep_alive_requests_is_not_the_header_deadline(
+    rig: Rig,
+) -> None:
+    client = await Client.open(rig)
+    try:
+        client.write(get("/connections/payments/version"))
+        assert (await asyncio.wait_for(client.reply(), 10)).status == 200
+        await asyncio.sleep(1.5)  # three header deadlines of idling, well inside idle_timeout
+        client.write(get("/connections/payments/version"))
+        assert (await asyncio.wait_for(client.reply(), 10)).status == 200
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("limits", [Limits(body_timeout=0.5)], indirect=True)
+async def test_a_body_trickled_to_the_api_server_is_cut_at_its_deadline_but_a_watch_is_not(
+    rig: Rig, kubeapi: KubeApi
+) -> None:
+    watching = kubeapi.watches_open
+    watch = await Client.open(rig)
+    client = await Client.open(rig)
+    try:
+        watch.write(get("/connections/payments/api/v1/namespaces/payments/pods?watch=true"))
+        assert await watch.head() == 200
+        client.write(
+            b"POST /connections/payments/api/v1/namespaces/payments/pods HTTP/1.1\r\n"
+            + f"Host: p\r\nAuthorization: Bearer {GRANT}\r\nContent-Length: 100\r\n\r\n".encode()
+            + b'{"kind":'
+        )
+        reply = await asyncio.wait_for(client.reply(), 5)
+        assert (reply.status, reply.json()["reason"]) == (408, "Timeout")
+        assert reply.headers[b"connection"] == b"close"
+        # The watch began first and has outlived the body deadline: it is no body.
+        assert kubeapi.watches_open == watching + 1
+        event = await asyncio.wait_for(watch.event(), 10)
+        assert isinstance(event, h11.Data)
+        assert b"ADDED" in event.data
+    finally:
+        watch.close()
+        client.close()
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [Limits(max_connections=2), Limits(max_connections_per_ip=2)],
+    indirect=True,
+)
+async def test_connections_over_the_cap_get_a_503_before_their_request_and_are_logged(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="jitgate.proxy.kube")
+    held = [await Client.open(rig), await Client.open(rig)]
+    try:
+        over = await Client.open(rig)
+        over.write(get("/connections/payments/version"))
+        # The proxy answers ahead of the request and closes; it never reads it.
+        refused = await asyncio.wait_for(over.reply(), 5)
+        assert (refused.status, refused.json()["reason"]) == (503, "ServiceUnavailable")
+        assert "too many connections" in refused.json()["message"]
+        assert refused.headers[b"connection"] == b"close"
+        assert await asyncio.wait_for(over.closed(), 5)
+        over.close()
+        assert "refused 1 new connection(s) over the cap, the last from 127.0.0.1" in caplog.text
+        held.pop().close()
+        await until(lambda: rig.front.connections == 1)
+        held.append(await Client.open(rig))
+        held[-1].write(get("/connections/payments/version"))
+        assert (await asyncio.wait_for(held[-1].reply(), 10)).status == 200
+    finally:
+        for client in held:
+            client.close()
+
+
+@pytest.mark.parametrize("limits", [Limits(max_in_flight=1)], indirect=True)
+async def test_a_grant_over_its_requests_in_flight_gets_a_429(rig: Rig) -> None:
+    watch = await Client.open(rig)
+    try:
+        watch.write(get("/connections/payments/api/v1/namespaces/payments/pods?watch=true"))
+        assert await watch.head() == 200
+        reply = await send(rig, get("/connections/payments/version"))
+        assert (reply.status, reply.json()["reason"]) == (429, "TooManyRequests")
+        assert reply.headers[b"retry-after"] == b"1"
+    finally:
+        watch.close()
+    held = await rig.front.grants.get(GRANT, "payments", "test")
+    await until(lambda: held.in_flight == 0)
+    assert (await send(rig, get("/connections/payments/version"))).status == 200
+
+
+@pytest.mark.parametrize(
+    "error", [TimeoutError("read timed out"), ConnectionResetError(104, "reset by peer")]
+)
+async def test_an_error_in_the_middle_of_a_stream_ends_that_request_in_one_line(
+    rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, error: OSError
+) -> None:
+    caplog.set_level(logging.INFO)
+    real = kube._Forward._receive_upstream
+    calls = 0
+
+    async def failing(self: kube._Forward, up: h11.Connection, reader: Any) -> object:
+        """The API server's response head arrives; then its connection fails."""
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise error
+        return await real(self, up, reader)
+
+    monkeypatch.setattr(kube._Forward, "_receive_upstream", failing)
+    client = await Client.open(rig)
+    try:
+        client.write(get("/connections/payments/api/v1/namespaces/payments/pods"))
+        assert await client.head() == 200
+        assert await asyncio.wait_for(client.closed(), 5)  # a cut, not an end
+    finally:
+        client.close()
+    await until(lambda: rig.front.connections == 0)
+    [line] = [r.getMessage() for r in caplog.records if "ended early" in r.getMessage()]
+    assert f"ended early: {type(error).__name__}" in line
+    assert "(1 so far in this session)" in line
+    _no_tracebacks(caplog)
+    held = await rig.front.grants.get(GRANT, "payments", "test")
+    assert held.failed == 1
+
+
+async def test_an_upstream_that_fails_before_its_answer_gives_a_502(
+    rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def failing(self: kube._Forward, up: h11.Connection, reader: Any) -> object:
+        """The API server's connection fails before its response head."""
+        raise ssl.SSLError(1, "decryption failed")
+
+    monkeypatch.setattr(kube._Forward, "_receive_upstream", failing)
+    reply = await send(rig, get("/connections/payments/version"))
+    assert (reply.status, reply.json()["reason"]) == (502, "InternalError")
+    assert reply.headers[b"connection"] == b"close"
+    _no_tracebacks(caplog)
+
+
+async def test_stopping_with_connections_open_is_quiet(
+    rig: Rig, kubeapi: KubeApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    idle, watch = await Client.open(rig), await Client.open(rig)
+    try:
+        watch.write(get("/connections/payments/api/v1/namespaces/payments/pods?watch=true"))
+        assert await watch.head() == 200
+        assert rig.front.connections == 2
+        await rig.front.stop()
+        assert rig.front.connections == 0
+        await asyncio.sleep(0)  # a done callback asyncio would complain from runs by now
+    finally:
+        idle.close()
+        watch.close()
+    # Before: "Exception in callback … CancelledError" from asyncio, for each connection.
+    _no_tracebacks(caplog)
+
+
+async def test_a_path_prefix_of_the_server_url_comes_before_every_path(
+    rig: Rig, kubeapi: KubeApi
+) -> None:
+    before = len(kubeapi.seen)
+    reply = await send(rig, get("/connections/prefixed/version"))
+    assert reply.status == 404  # the test API server has no /prefix/k8s/version
+    assert [s.path for s in kubeapi.seen[before:]] == ["/prefix/k8s/version"]
