@@ -1,0 +1,233 @@
+"""Attach and port-forward through the real stack's proxy, to the test API server for streams.
+
+There is no real Kubernetes API server here: the upstream is tests/kubestreams.py,
+a test API server that answers attach and port-forward over WebSocket and
+records the bytes that reach it. Everything else is real: the stack's
+processes, `jitgate grant request` and `jitgate grant kubeconfig`, kubectl for
+attach, and the operator's revocation. Port-forward is driven by
+tests/kubestreams.PortForward, a WebSocket client of the API server's
+port-forward protocol, not by kubectl: kubectl 1.32's port-forward tunnels
+SPDY over WebSocket, which the test API server does not speak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from jitgate.common import tls
+from jitgate.devstack import pki
+from jitgate.devstack.stack import Stack
+from jitgate.v1 import policy_pb2, policy_pb2_grpc
+from tests.kubestreams import BINARY, KubeStreams, PortForward
+
+pytestmark = pytest.mark.e2e
+
+CONNECTION = "payments-staging"
+NAMESPACE = "payments"
+PODS = f"/api/v1/namespaces/{NAMESPACE}/pods"
+CUT = 1.0
+"""Seconds from the operator's revocation to a stream's end, on both sides."""
+
+
+@pytest.fixture(scope="module")
+def streams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeStreams]:
+    """The test API server for streams, with a CA of its own and a ServiceAccount token."""
+    root = tmp_path_factory.mktemp("kubestreams-pki")
+    pki.init(root, names=())
+    token = f"sa-test-{secrets.token_urlsafe(24)}"
+    server = KubeStreams(pki.issue(root, "kubeapi"), token).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, streams: KubeStreams) -> Iterator[Stack]:
+    """The whole stack, its proxy serving payments-staging with exec and port-forward allowed."""
+    config = tmp_path_factory.mktemp("kube-stream-connections")
+    (config / "sa.token").write_text(streams.token + "\n")
+    (config / "connections.toml").write_text(
+        f"[connections.{CONNECTION}]\n"
+        'kind = "kubernetes"\n'
+        f'server = "{streams.url}"\n'
+        f'namespace = "{NAMESPACE}"\n'
+        'token_file = "sa.token"\n'
+        f'ca_file = "{streams.files.ca}"\n'
+        "allow_exec = true\n"
+        "allow_port_forward = true\n"
+    )
+    running = Stack(tmp_path_factory.mktemp("stack"), upstreams=config / "connections.toml")
+    running.start()
+    try:
+        _wait_listening(running)
+        yield running
+    finally:
+        running.stop()
+
+
+def _wait_listening(stack: Stack, timeout: float = 15.0) -> None:
+    """Wait until the proxy's Kubernetes listener accepts connections (it has no health check)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert stack.processes["proxy"].poll() is None, stack.log_tail("proxy")
+        try:
+            with socket.create_connection(("127.0.0.1", stack.ports["proxy-kube"]), timeout=0.5):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, stack.log_tail("proxy")
+            time.sleep(0.05)
+
+
+class Agent:
+    """An agent's machine: a fresh grant, its kubeconfig, kubectl."""
+
+    def __init__(self, stack: Stack, home: Path) -> None:
+        self.stack = stack
+        requested = self._jitgate(home, "grant", "request", CONNECTION, "--ttl", "120", "--json")
+        assert requested.returncode == 0, requested.stderr
+        self.grant: dict[str, Any] = json.loads(requested.stdout)
+        kubeconfig = home / "kubeconfig"
+        written = self._jitgate(
+            home, "grant", "kubeconfig", self.grant["grant_id"], "-o", str(kubeconfig)
+        )
+        assert written.returncode == 0, written.stderr
+        self.env = {"PATH": os.environ["PATH"], "HOME": str(home), "KUBECONFIG": str(kubeconfig)}
+
+    def _jitgate(self, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the jitgate CLI as the agent does."""
+        env = {
+            **os.environ,
+            **self.stack.client_env(),
+            "JITGATE_HOME": str(home),
+            "JITGATE_TOKEN": self.stack.token("deploy-bot"),
+        }
+        return subprocess.run(
+            [sys.executable, "-m", "jitgate", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    async def kubectl(self, *args: str) -> asyncio.subprocess.Process:
+        """Start kubectl with this agent's kubeconfig, stdio piped."""
+        return await asyncio.create_subprocess_exec(
+            "kubectl", "--request-timeout=10s", *args, env=self.env, stdin=-1, stdout=-1, stderr=-1
+        )
+
+    async def forward(self, ports: str) -> PortForward:
+        """A port-forward stream to api-0 through the proxy, its channels opened (not kubectl)."""
+        client, response, body = await PortForward.open(
+            "127.0.0.1",
+            self.stack.ports["proxy-kube"],
+            f"/connections/{CONNECTION}{PODS}/api-0/portforward?ports={ports}",
+            self.grant["token"],
+            str(self.stack.pki.ca),
+        )
+        assert client is not None, (response, body)
+        await asyncio.wait_for(client.handshake(len(ports.split(","))), 10)
+        return client
+
+
+@pytest.fixture
+def agent(stack: Stack, tmp_path: Path) -> Agent:
+    """deploy-bot with a fresh payments-staging grant and its kubeconfig."""
+    return Agent(stack, tmp_path)
+
+
+def _operator_revokes(stack: Stack, grant_id: str) -> None:
+    """The operator revokes the grant through the policy service."""
+    credentials = tls.channel_credentials(stack.pki.files("operator"))
+    options = [("grpc.ssl_target_name_override", "policy")]
+    with grpc.secure_channel(stack.address("policy"), credentials, options=options) as channel:
+        policy_pb2_grpc.PolicyStub(channel).RevokeGrants(
+            policy_pb2.RevokeGrantsRequest(grant_id=grant_id, reason="incident 8"), timeout=5
+        )
+
+
+async def test_kubectl_attach_through_the_stack_echoes_from_the_test_api_server(
+    agent: Agent, streams: KubeStreams
+) -> None:
+    """kubectl attach -i with allow_exec: stdin crosses the stack's proxy, the echo comes back."""
+    typed = b"attached through jitgate " + secrets.token_hex(8).encode() + b"\n"
+    proc = await agent.kubectl("attach", "-i", "api-0")
+    out, err = await asyncio.wait_for(proc.communicate(typed), 30)
+    assert (proc.returncode, out) == (0, typed), err
+    assert typed in streams.received("attach api-0")
+    attaches = [s for s in streams.seen if s.path == f"{PODS}/api-0/attach"]
+    assert attaches[-1].headers["authorization"] == f"Bearer {streams.token}"
+    assert agent.grant["token"] not in json.dumps(attaches[-1].headers)
+
+
+async def test_port_forward_through_the_stack_reaches_the_test_api_server_and_echoes(
+    agent: Agent, streams: KubeStreams
+) -> None:
+    """By the test's own WebSocket port-forward client (v4.channel.k8s.io), not kubectl."""
+    sent = b"forwarded " + secrets.token_hex(8).encode()
+    client = await agent.forward("6379")
+    try:
+        assert client.ports == {0: 6379, 1: 6379}
+        client.send(0, sent)
+        assert await asyncio.wait_for(client.message(), 10) == (BINARY, b"\x00" + sent)
+    finally:
+        client.close()
+    assert sent in streams.received("portforward api-0:6379")
+    forwards = [s for s in streams.seen if s.path == f"{PODS}/api-0/portforward"]
+    assert forwards[-1].headers["authorization"] == f"Bearer {streams.token}"
+
+
+async def test_the_operator_revoking_cuts_an_attach_and_a_port_forward_within_a_second(
+    stack: Stack, agent: Agent, streams: KubeStreams
+) -> None:
+    """Port-forward by the test's own WebSocket client, attach by kubectl."""
+    assert await asyncio.to_thread(streams.wait_streams, 0, 5.0)
+    attach = await agent.kubectl("attach", "-i", "api-0")
+    assert attach.stdin is not None
+    assert attach.stdout is not None
+    client = await agent.forward("8443")
+    try:
+        attach.stdin.write(b"still attached?\n")
+        assert await asyncio.wait_for(attach.stdout.readline(), 30) == b"still attached?\n"
+        client.send(0, b"still forwarding?")
+        assert await asyncio.wait_for(client.message(), 10) == (BINARY, b"\x00still forwarding?")
+        assert streams.streams_open == 2
+        _operator_revokes(stack, agent.grant["grant_id"])
+        revoked = time.monotonic()
+        assert await asyncio.wait_for(client.ended(), 5)
+        forward_cut = time.monotonic() - revoked
+        code = await asyncio.wait_for(attach.wait(), 10)
+        attach_cut = time.monotonic() - revoked
+        assert await asyncio.to_thread(streams.wait_streams, 0, 5.0)
+        upstream_cut = time.monotonic() - revoked
+    finally:
+        client.close()
+        if attach.returncode is None:
+            attach.kill()
+            await attach.wait()
+    assert code != 0  # a cut, not the Success Status of a stdin that ended
+    assert forward_cut < CUT
+    assert attach_cut < CUT
+    assert upstream_cut < CUT
+    # From then on the grant opens no stream.
+    _, response, body = await PortForward.open(
+        "127.0.0.1",
+        stack.ports["proxy-kube"],
+        f"/connections/{CONNECTION}{PODS}/api-0/portforward?ports=8443",
+        agent.grant["token"],
+        str(stack.pki.ca),
+    )
+    assert response is not None
+    assert (response.status_code, json.loads(body)["reason"]) == (401, "Unauthorized")
