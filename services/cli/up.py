@@ -46,6 +46,10 @@ def _usage(stack: Stack) -> str:
             f"  audit     {stack.address('audit')}   mTLS, log {stack.audit_db}",
             f"  proxy     {stack.address('proxy')}   PostgreSQL over TLS, grant as password;"
             f" connections {stack.proxy_connections}",
+            f"            {stack.address('proxy-ssh')}   SSH, user = connection,"
+            f" grant as password; host key in {stack.agent_known_hosts}",
+            f"            https://{stack.address('proxy-kube')}   Kubernetes API, grant as"
+            " bearer token (jitgate grant kubeconfig), where connections.toml has one",
             f"  dev IdP   {stack.oidc_issuer}",
             "try, in another shell:",
             f"  export JITGATE_ISSUER={stack.address('issuer')} JITGATE_CA={stack.pki.ca}",
@@ -53,9 +57,20 @@ def _usage(stack: Stack) -> str:
             '  jitgate grant request orders-replica --ttl 120 --reason "look at slow queries"',
             f'  psql "host=127.0.0.1 port={stack.ports["proxy"]} sslmode=require'
             ' dbname=orders-replica user=deploy-bot password=<the grant token>"',
+            *(_ssh_usage(stack) if stack.upstreams is None else []),
             "Ctrl-C stops everything.",
         ]
     )
+
+
+def _ssh_usage(stack: Stack) -> list[str]:
+    """How to reach the demo sshd through the proxy, as the agent in group sre."""
+    return [
+        "or, as ops-bot (group sre): its token as above with ops-bot for deploy-bot, then",
+        '  jitgate grant request bastion-eu1 --ttl 120 --reason "check the kernel"',
+        f"  ssh -p {stack.ports['proxy-ssh']} -o UserKnownHostsFile={stack.agent_known_hosts}"
+        " bastion-eu1@127.0.0.1 uptime   # the password: the grant token",
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
