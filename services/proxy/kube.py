@@ -26,7 +26,7 @@ import h11
 from opentelemetry import trace
 
 from jitgate.common import telemetry
-from jitgate.proxy import kubehttp, kubepolicy
+from jitgate.proxy import kubehttp, kubepolicy, wsframes
 from jitgate.proxy.config import KubeTarget
 from jitgate.proxy.gate import Gate
 from jitgate.proxy.kubegrants import Grants, Held, Refused, ended
@@ -263,6 +263,10 @@ class _Forward:
         """What the agent got so far ends between two watch events."""
         self.answered = False
         """The agent has the response's head (or the 101): no Status of ours can follow."""
+        self.frames: wsframes.Frames | None = None
+        """For a WebSocket stream: where the API server's frames end."""
+        self.status_channel = False
+        """The stream is exec or attach, whose channel 3 carries the final Status."""
 
     def _abort(self, reason: str) -> None:
         """Cut the agent and the API server off now: the grant has ended."""
@@ -271,6 +275,21 @@ class _Forward:
             with contextlib.suppress(Exception):
                 self.upstream.transport.abort()
         agent = self.agent.writer.transport
+        if self.frames is not None and self.frames.at_boundary and not agent.is_closing():
+            # Between two WebSocket frames the stream can end with frames of
+            # our own: for exec and attach the Status on channel 3, which
+            # kubectl prints, then a close frame with the reason (RFC 6455
+            # §5.5.1) for any client.
+            message = f"jitgate: the grant has {ended(reason)}"
+            last = b""
+            if self.status_channel:
+                status = kubehttp.status(401, f"the grant has {ended(reason)}")
+                last = wsframes.frame(wsframes.BINARY, bytes([wsframes.ERROR_CHANNEL]) + status)
+            with contextlib.suppress(Exception):
+                agent.write(last + wsframes.close(message))
+                agent.close()
+                asyncio.get_running_loop().call_later(CLOSE_GRACE, agent.abort)
+                return
         if self.watch and self.boundary and not agent.is_closing():
             # Between two events, a watch can say why it ends: an ERROR event
             # carrying a Status, as the API server ends a watch itself.
@@ -537,22 +556,28 @@ class _Forward:
             _loggable(request_target),
             b",".join(v for n, v in headers if n == b"upgrade").decode("latin-1")[:40],
         )
+        if kubehttp.upgrades_to_websocket(headers):
+            self.frames = wsframes.Frames()
+            self.status_channel = request_target.split(b"?", 1)[0].endswith((b"/exec", b"/attach"))
         from_agent, _ = agent.http.trailing_data
         from_server, _ = up.trailing_data
+
+        def count_in(data: bytes) -> None:
+            """Count bytes from the agent."""
+            stats.bytes_from_client += len(data)
+
+        def count_out(data: bytes) -> None:
+            """Count bytes to the agent, and follow its WebSocket frames."""
+            stats.bytes_to_client += len(data)
+            if self.frames is not None:
+                self.frames.feed(data)
+
         if from_agent:
-            stats.bytes_from_client += len(from_agent)
+            count_in(from_agent)
             self.upstream.write(from_agent)
         if from_server:
-            stats.bytes_to_client += len(from_server)
+            count_out(from_server)
             agent.writer.write(from_server)
-
-        def count_in(n: int) -> None:
-            """Count bytes from the agent."""
-            stats.bytes_from_client += n
-
-        def count_out(n: int) -> None:
-            """Count bytes to the agent."""
-            stats.bytes_to_client += n
 
         pumps = [
             asyncio.create_task(_pump(agent.reader, self.upstream, count_in)),
@@ -568,12 +593,12 @@ class _Forward:
 
 
 async def _pump(
-    source: asyncio.StreamReader, sink: asyncio.StreamWriter, count: Callable[[int], None]
+    source: asyncio.StreamReader, sink: asyncio.StreamWriter, count: Callable[[bytes], None]
 ) -> None:
     """Copy bytes until the source ends; drain keeps a slow reader from filling memory."""
     with contextlib.suppress(OSError):
         while data := await source.read(CHUNK):
-            count(len(data))
+            count(data)  # before the write, with no await between: frames stay in step
             sink.write(data)
             await sink.drain()
 

@@ -172,3 +172,10 @@ def agent_response_headers(
     if switching:
         out.append((b"connection", b"Upgrade"))
     return out, dropped
+
+
+def upgrades_to_websocket(headers: Headers) -> bool:
+    """Whether a 101's headers switch to WebSocket (RFC 6455 §4.2.2)."""
+    return any(
+        name == b"upgrade" and value.strip().lower() == b"websocket" for name, value in headers
+    )

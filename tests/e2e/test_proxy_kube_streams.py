@@ -206,6 +206,8 @@ async def test_the_operator_revoking_cuts_an_attach_and_a_port_forward_within_a_
         assert streams.streams_open == 2
         _operator_revokes(stack, agent.grant["grant_id"])
         revoked = time.monotonic()
+        closing = await asyncio.wait_for(client.message(), 5)  # the reason, then the end
+        assert closing == (8, b"\x03\xf0jitgate: the grant has been revoked")
         assert await asyncio.wait_for(client.ended(), 5)
         forward_cut = time.monotonic() - revoked
         code = await asyncio.wait_for(attach.wait(), 10)
@@ -218,6 +220,8 @@ async def test_the_operator_revoking_cuts_an_attach_and_a_port_forward_within_a_
             attach.kill()
             await attach.wait()
     assert code != 0  # a cut, not the Success Status of a stdin that ended
+    assert attach.stderr is not None
+    assert b"jitgate: the grant has been revoked" in await attach.stderr.read()
     assert forward_cut < CUT
     assert attach_cut < CUT
     assert upstream_cut < CUT

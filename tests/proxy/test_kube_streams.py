@@ -271,6 +271,8 @@ async def test_revoking_cuts_an_open_kubectl_attach_to_the_test_api_server_withi
             proc.kill()
             await proc.wait()
     assert code != 0  # a cut, not the Success Status of a stdin that ended
+    # The Status the proxy put on the error channel is what kubectl prints.
+    assert b"jitgate: the grant has been revoked" in await proc.stderr.read()
     assert agent_cut < CUT
     assert upstream_cut < CUT
     await asyncio.wait_for(rig.reported.wait(), 5)
@@ -289,6 +291,10 @@ async def test_revoking_cuts_an_open_port_forward_to_the_test_api_server_within_
         assert streams.streams_open == 1
         assert rig.registry.revoke(GRANT_ID) == 1
         revoked = time.monotonic()
+        # Between two frames the proxy can say why: a close frame, 1008 and
+        # the reason (RFC 6455 §5.5.1), then the end.
+        closing = await asyncio.wait_for(client.message(), 5)
+        assert closing == (8, b"\x03\xf0jitgate: the grant has been revoked")
         assert await asyncio.wait_for(client.ended(), 5)
         agent_cut = time.monotonic() - revoked
         assert await asyncio.to_thread(streams.wait_streams, 0, 5.0)
