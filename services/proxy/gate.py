@@ -16,9 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from jitgate.common import telemetry
 from jitgate.proxy.grantcheck import Claims
-from jitgate.proxy.session import BYTES, LIVE, SESSIONS, Redeemed, Registry, Relay
+from jitgate.proxy.session import LIVE, Redeemed, Registry, Relay, record_end
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +104,7 @@ class Gate:
             self.registry.remove(redeemed.grant_id, lease)
             if lease.reason:
                 stats.reason = lease.reason
-            LIVE.add(-1)
-            SESSIONS.add(1, {"jitgate.end_reason": stats.reason, "jitgate.kind": kind})
-            BYTES.add(stats.bytes_from_client, {"jitgate.direction": "from_client"})
-            BYTES.add(stats.bytes_to_client, {"jitgate.direction": "to_client"})
-            telemetry.annotate(
-                end_reason=stats.reason,
-                bytes_from_client=stats.bytes_from_client,
-                bytes_to_client=stats.bytes_to_client,
-            )
+            record_end(stats, kind)
             log.info(
                 "%s session %s ended (%s): %d bytes in, %d out",
                 kind,
