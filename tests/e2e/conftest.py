@@ -7,14 +7,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import redis
 
 from jitgate.audit import verify
 from jitgate.audit.checkpoint import parse_verifier_key
 from jitgate.audit.store import SqliteStore, iter_checkpoints, iter_records
+from jitgate.common import tls
 from jitgate.devstack import idp
 from jitgate.devstack.stack import Stack
+from jitgate.v1 import audit_pb2, audit_pb2_grpc, policy_pb2, policy_pb2_grpc
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +74,21 @@ def verify_audit_log(stack: Stack) -> tuple[verify.Report, bytes]:
         store.close()
     report = verify.verify(logged, notes, [verifier], origin=verifier.name)
     return report, b"\n".join(logged)
+
+
+def audit_records(stack: Stack) -> list[audit_pb2.AuditRecord]:
+    """The stack's audit log as the auditor reads it over gRPC."""
+    credentials = tls.channel_credentials(stack.pki.files("auditor"))
+    options = [("grpc.ssl_target_name_override", "audit")]
+    with grpc.secure_channel(stack.address("audit"), credentials, options=options) as channel:
+        return list(audit_pb2_grpc.AuditStub(channel).Read(audit_pb2.ReadRequest(), timeout=5))
+
+
+def operator_revokes(stack: Stack, grant_id: str, reason: str = "incident") -> None:
+    """The operator revokes the grant through the policy service."""
+    credentials = tls.channel_credentials(stack.pki.files("operator"))
+    options = [("grpc.ssl_target_name_override", "policy")]
+    with grpc.secure_channel(stack.address("policy"), credentials, options=options) as channel:
+        policy_pb2_grpc.PolicyStub(channel).RevokeGrants(
+            policy_pb2.RevokeGrantsRequest(grant_id=grant_id, reason=reason), timeout=5
+        )

@@ -21,20 +21,13 @@ from jitgate.common import grants, tls
 from jitgate.devstack.pki import DevPki
 from jitgate.devstack.stack import Stack
 from jitgate.v1 import audit_pb2, audit_pb2_grpc, policy_pb2, policy_pb2_grpc
-from tests.e2e.conftest import mint
+from tests.e2e.conftest import audit_records, mint
 
 pytestmark = pytest.mark.e2e
 
 
 def _agent(stack: Stack, token: str) -> sdk.IssuerClient:
     return sdk.IssuerClient(stack.address("issuer"), token=token, ca_file=stack.pki.ca)
-
-
-def _audit_records(stack: Stack) -> list[audit_pb2.AuditRecord]:
-    credentials = tls.channel_credentials(stack.pki.files("auditor"))
-    options = [("grpc.ssl_target_name_override", "audit")]
-    with grpc.secure_channel(stack.address("audit"), credentials, options=options) as channel:
-        return list(audit_pb2_grpc.AuditStub(channel).Read(audit_pb2.ReadRequest(), timeout=5))
 
 
 def test_every_service_reports_serving(stack: Stack) -> None:
@@ -53,7 +46,7 @@ def test_a_grant_from_request_to_revocation(stack: Stack, redis_admin: redis.Red
         agent.revoke_grant(grant.grant_id, reason="done")
         assert agent.list_grants() == []
     assert redis_admin.exists(grants.revoked_key(grant.grant_id))
-    records = _audit_records(stack)
+    records = audit_records(stack)
     decisions = [r for r in records if r.event.decision.grant_id == grant.grant_id]
     assert len(decisions) == 1
     assert decisions[0].caller == "spiffe://jitgate/policy"
@@ -71,7 +64,7 @@ def test_a_denial_is_recorded_with_its_reason(stack: Stack) -> None:
     with _agent(stack, stack.token("deploy-bot")) as agent, pytest.raises(sdk.Denied) as raised:
         agent.request_grant("billing-primary")
     assert raised.value.reason == "NO_BINDING"
-    last = _audit_records(stack)[-1].event.decision
+    last = audit_records(stack)[-1].event.decision
     assert (last.connection, last.allowed, last.reason_code) == (
         "billing-primary",
         False,
@@ -98,7 +91,7 @@ def test_a_bad_token_is_unauthenticated_and_audited(
         agent.request_grant("orders-replica")
     assert str(raised.value) == "authentication failed"
     assert set(redis_admin.keys("grant:*")) == before
-    last = _audit_records(stack)[-1]
+    last = audit_records(stack)[-1]
     assert last.caller == "spiffe://jitgate/verifier"
     assert last.event.WhichOneof("kind") == "token_rejected"
     assert last.event.token_rejected.reason == reason
@@ -229,12 +222,12 @@ def test_the_operator_revokes_all_grants_of_a_subject(stack: Stack) -> None:
         # Gone from the agent's view at once, though their tokens have not expired.
         assert not granted & {g.grant_id for g in agent.list_grants()}
     revocations = [
-        r.event.revocation for r in _audit_records(stack) if r.event.HasField("revocation")
+        r.event.revocation for r in audit_records(stack) if r.event.HasField("revocation")
     ]
     mine = [r for r in revocations if r.grant_id in granted]
     assert len(mine) == 2
     assert {(r.actor, r.reason) for r in mine} == {("spiffe://jitgate/operator", "incident 7")}
-    assert {r.caller for r in _audit_records(stack) if r.event.HasField("revocation")} == {
+    assert {r.caller for r in audit_records(stack) if r.event.HasField("revocation")} == {
         "spiffe://jitgate/policy"
     }
 

@@ -12,15 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psycopg
 import pytest
 
 from jitgate import client as sdk
-from jitgate.common import tls
 from jitgate.devstack.postgres_server import READ_ONLY_ROLE, embedded_bin
 from jitgate.devstack.stack import Stack
-from jitgate.v1 import audit_pb2, audit_pb2_grpc, policy_pb2, policy_pb2_grpc
+from tests.e2e.conftest import audit_records, operator_revokes
 
 pytestmark = pytest.mark.e2e
 
@@ -47,22 +45,6 @@ def _conninfo(stack: Stack, dbname: str = "orders-replica") -> dict[str, Any]:
 
 def _connect(stack: Stack, token: str, dbname: str = "orders-replica") -> Conn:
     return psycopg.connect(**_conninfo(stack, dbname), password=token, autocommit=True)
-
-
-def _audit_records(stack: Stack) -> list[audit_pb2.AuditRecord]:
-    credentials = tls.channel_credentials(stack.pki.files("auditor"))
-    options = [("grpc.ssl_target_name_override", "audit")]
-    with grpc.secure_channel(stack.address("audit"), credentials, options=options) as channel:
-        return list(audit_pb2_grpc.AuditStub(channel).Read(audit_pb2.ReadRequest(), timeout=5))
-
-
-def _operator_revokes(stack: Stack, grant_id: str) -> None:
-    credentials = tls.channel_credentials(stack.pki.files("operator"))
-    options = [("grpc.ssl_target_name_override", "policy")]
-    with grpc.secure_channel(stack.address("policy"), credentials, options=options) as channel:
-        policy_pb2_grpc.PolicyStub(channel).RevokeGrants(
-            policy_pb2.RevokeGrantsRequest(grant_id=grant_id, reason="incident 12"), timeout=5
-        )
 
 
 def _ended_within(conn: Conn, since: float, seconds: float = 1.0) -> psycopg.Error:
@@ -195,7 +177,7 @@ def test_the_agent_revoking_ends_its_session_within_a_second(
             agent.revoke_grant(grant.grant_id, reason="done")
         ended = _ended_within(conn, time.monotonic())
     assert "grant revoked" in str(ended)
-    records = _audit_records(stack)
+    records = audit_records(stack)
     redeemed = [r.event.redemption for r in records if r.event.redemption.grant_id]
     mine = [r for r in redeemed if r.grant_id == grant.grant_id]
     assert len(mine) == 1
@@ -204,7 +186,7 @@ def test_the_agent_revoking_ends_its_session_within_a_second(
     for _ in range(50):  # the report follows the close
         closed = [
             r.event.session_closed
-            for r in _audit_records(stack)
+            for r in audit_records(stack)
             if r.event.session_closed.grant_id == grant.grant_id
         ]
         if closed:
@@ -219,7 +201,7 @@ def test_the_operator_revoking_ends_its_session_within_a_second(
 ) -> None:
     with _connect(stack, grant.token) as conn:
         conn.execute("SELECT 1")
-        _operator_revokes(stack, grant.grant_id)
+        operator_revokes(stack, grant.grant_id, "incident 12")
         ended = _ended_within(conn, time.monotonic())
     assert "grant revoked" in str(ended)
 

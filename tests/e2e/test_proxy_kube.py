@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import queue
 import secrets
-import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,20 +21,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from jitgate import client as sdk
-from jitgate.common import tls
 from jitgate.devstack import pki
 from jitgate.devstack.stack import Stack
-from jitgate.v1 import audit_pb2, audit_pb2_grpc, policy_pb2, policy_pb2_grpc
+from tests.e2e import kube_rig
+from tests.e2e.conftest import audit_records, operator_revokes
+from tests.e2e.kube_rig import CONNECTION, NAMESPACE, jitgate
 from tests.kubeapi import KubeApi
 
 pytestmark = pytest.mark.e2e
-
-CONNECTION = "payments-staging"
-NAMESPACE = "payments"
 
 
 @pytest.fixture(scope="module")
@@ -53,82 +47,17 @@ def kubeapi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeApi]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, kubeapi: KubeApi) -> Iterator[Stack]:
     """The whole stack, its proxy serving payments-staging from the test API server."""
-    config = tmp_path_factory.mktemp("kube-connections")
-    (config / "sa.token").write_text(kubeapi.token + "\n")
-    (config / "connections.toml").write_text(
-        f"[connections.{CONNECTION}]\n"
-        'kind = "kubernetes"\n'
-        f'server = "{kubeapi.url}"\n'
-        f'namespace = "{NAMESPACE}"\n'
-        'token_file = "sa.token"\n'
-        f'ca_file = "{kubeapi.files.ca}"\n'
-    )
-    running = Stack(tmp_path_factory.mktemp("stack"), upstreams=config / "connections.toml")
-    running.start()
-    try:
-        _wait_listening(running)
+    with kube_rig.serving(tmp_path_factory, kubeapi) as running:
         yield running
-    finally:
-        running.stop()
 
 
-def _wait_listening(stack: Stack, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert stack.processes["proxy"].poll() is None, stack.log_tail("proxy")
-        try:
-            with socket.create_connection(("127.0.0.1", stack.ports["proxy-kube"]), timeout=0.5):
-                return
-        except OSError:
-            assert time.monotonic() < deadline, stack.log_tail("proxy")
-            time.sleep(0.05)
-
-
-def _jitgate(stack: Stack, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        **stack.client_env(),
-        "JITGATE_HOME": str(home),
-        "JITGATE_TOKEN": stack.token("deploy-bot"),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "jitgate", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-class Agent:
+class Agent(kube_rig.Agent):
     """An agent's machine: its jitgate home, its kubeconfig, its kubectl."""
 
     def __init__(self, stack: Stack, home: Path, ttl: int = 120) -> None:
-        self.home = home
-        requested = _jitgate(
-            stack, home, "grant", "request", CONNECTION, "--ttl", str(ttl), "--json"
-        )
-        assert requested.returncode == 0, requested.stderr
-        self.grant: dict[str, Any] = json.loads(requested.stdout)
+        super().__init__(stack, home, ttl)
         # The grant names its namespace; the kubeconfig's context defaults to it.
         assert self.grant["namespace"] == NAMESPACE
-        self.kubeconfig = home / "kubeconfig"
-        written = _jitgate(
-            stack,
-            home,
-            "grant",
-            "kubeconfig",
-            self.grant["grant_id"],
-            "-o",
-            str(self.kubeconfig),
-        )
-        assert written.returncode == 0, written.stderr
-        self.env = {
-            "PATH": os.environ["PATH"],
-            "HOME": str(home),
-            "KUBECONFIG": str(self.kubeconfig),
-        }
 
     def kubectl(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run kubectl with this agent's kubeconfig."""
@@ -183,22 +112,6 @@ def _raw(
         return reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read()
     finally:
         conn.close()
-
-
-def _operator_revokes(stack: Stack, grant_id: str) -> None:
-    credentials = tls.channel_credentials(stack.pki.files("operator"))
-    options = [("grpc.ssl_target_name_override", "policy")]
-    with grpc.secure_channel(stack.address("policy"), credentials, options=options) as channel:
-        policy_pb2_grpc.PolicyStub(channel).RevokeGrants(
-            policy_pb2.RevokeGrantsRequest(grant_id=grant_id, reason="incident 7"), timeout=5
-        )
-
-
-def _audit_records(stack: Stack) -> list[audit_pb2.AuditRecord]:
-    credentials = tls.channel_credentials(stack.pki.files("auditor"))
-    options = [("grpc.ssl_target_name_override", "audit")]
-    with grpc.secure_channel(stack.address("audit"), credentials, options=options) as channel:
-        return list(audit_pb2_grpc.AuditStub(channel).Read(audit_pb2.ReadRequest(), timeout=5))
 
 
 def test_kubectl_lists_and_gets_pods_from_the_test_api_server(
@@ -381,7 +294,7 @@ def test_the_operator_revoking_cuts_a_watch_within_a_second(
     try:
         lines = _lines(watch.stdout)
         assert "watched-0" in _until(lines, "watched-0")[-1]  # the watch is streaming
-        _operator_revokes(stack, agent.grant["grant_id"])
+        operator_revokes(stack, agent.grant["grant_id"], "incident 7")
         revoked = time.monotonic()
         assert kubeapi.wait_watches(0, 2.0)
         upstream_cut = time.monotonic() - revoked
@@ -406,7 +319,7 @@ def test_the_operator_revoking_cuts_a_watch_within_a_second(
     assert json.loads(body)["reason"] == "Unauthorized"
     # The redemption and the session's end are on the audit record.
     for _ in range(50):
-        records = _audit_records(stack)
+        records = audit_records(stack)
         closed = [
             r.event.session_closed
             for r in records
@@ -443,7 +356,7 @@ def test_a_watch_is_cut_when_the_grant_expires(stack: Stack, tmp_path: Path) -> 
     time.sleep(
         max(0.0, datetime.fromisoformat(short.grant["expires_at"]).timestamp() - time.time())
     )
-    written = _jitgate(stack, tmp_path, "grant", "kubeconfig", short.grant["grant_id"])
+    written = jitgate(stack, tmp_path, "grant", "kubeconfig", short.grant["grant_id"])
     assert written.returncode == 6
     assert "no live grant" in written.stderr
 
@@ -451,11 +364,11 @@ def test_a_watch_is_cut_when_the_grant_expires(stack: Stack, tmp_path: Path) -> 
 def test_a_grant_of_another_kind_is_not_stored_and_gets_no_kubeconfig(
     stack: Stack, tmp_path: Path
 ) -> None:
-    requested = _jitgate(stack, tmp_path, "grant", "request", "orders-replica", "--json")
+    requested = jitgate(stack, tmp_path, "grant", "request", "orders-replica", "--json")
     assert requested.returncode == 0, requested.stderr
     grant_id = json.loads(requested.stdout)["grant_id"]
     assert not list(tmp_path.glob("grants/*"))  # its token was printed, never written to disk
-    written = _jitgate(stack, tmp_path, "grant", "kubeconfig", grant_id)
+    written = jitgate(stack, tmp_path, "grant", "kubeconfig", grant_id)
     assert written.returncode == 6
     assert "only kubernetes grants are kept" in written.stderr
 

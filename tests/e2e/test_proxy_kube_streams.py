@@ -14,29 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import grpc
 import pytest
 
-from jitgate.common import tls
 from jitgate.devstack import pki
 from jitgate.devstack.stack import Stack
-from jitgate.v1 import policy_pb2, policy_pb2_grpc
+from tests.e2e import kube_rig
+from tests.e2e.conftest import operator_revokes
+from tests.e2e.kube_rig import CONNECTION, NAMESPACE
 from tests.kubestreams import BINARY, KubeStreams, PortForward
 
 pytestmark = pytest.mark.e2e
 
-CONNECTION = "payments-staging"
-NAMESPACE = "payments"
 PODS = f"/api/v1/namespaces/{NAMESPACE}/pods"
 CUT = 1.0
 """Seconds from the operator's revocation to a stream's end, on both sides."""
@@ -56,71 +49,14 @@ def streams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeStreams]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, streams: KubeStreams) -> Iterator[Stack]:
     """The whole stack, its proxy serving payments-staging with exec and port-forward allowed."""
-    config = tmp_path_factory.mktemp("kube-stream-connections")
-    (config / "sa.token").write_text(streams.token + "\n")
-    (config / "connections.toml").write_text(
-        f"[connections.{CONNECTION}]\n"
-        'kind = "kubernetes"\n'
-        f'server = "{streams.url}"\n'
-        f'namespace = "{NAMESPACE}"\n'
-        'token_file = "sa.token"\n'
-        f'ca_file = "{streams.files.ca}"\n'
-        "allow_exec = true\n"
-        "allow_port_forward = true\n"
-    )
-    running = Stack(tmp_path_factory.mktemp("stack"), upstreams=config / "connections.toml")
-    running.start()
-    try:
-        _wait_listening(running)
+    with kube_rig.serving(
+        tmp_path_factory, streams, allow_exec=True, allow_port_forward=True
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
-def _wait_listening(stack: Stack, timeout: float = 15.0) -> None:
-    """Wait until the proxy's Kubernetes listener accepts connections (it has no health check)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert stack.processes["proxy"].poll() is None, stack.log_tail("proxy")
-        try:
-            with socket.create_connection(("127.0.0.1", stack.ports["proxy-kube"]), timeout=0.5):
-                return
-        except OSError:
-            assert time.monotonic() < deadline, stack.log_tail("proxy")
-            time.sleep(0.05)
-
-
-class Agent:
+class Agent(kube_rig.Agent):
     """An agent's machine: a fresh grant, its kubeconfig, kubectl."""
-
-    def __init__(self, stack: Stack, home: Path) -> None:
-        self.stack = stack
-        requested = self._jitgate(home, "grant", "request", CONNECTION, "--ttl", "120", "--json")
-        assert requested.returncode == 0, requested.stderr
-        self.grant: dict[str, Any] = json.loads(requested.stdout)
-        kubeconfig = home / "kubeconfig"
-        written = self._jitgate(
-            home, "grant", "kubeconfig", self.grant["grant_id"], "-o", str(kubeconfig)
-        )
-        assert written.returncode == 0, written.stderr
-        self.env = {"PATH": os.environ["PATH"], "HOME": str(home), "KUBECONFIG": str(kubeconfig)}
-
-    def _jitgate(self, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-        """Run the jitgate CLI as the agent does."""
-        env = {
-            **os.environ,
-            **self.stack.client_env(),
-            "JITGATE_HOME": str(home),
-            "JITGATE_TOKEN": self.stack.token("deploy-bot"),
-        }
-        return subprocess.run(
-            [sys.executable, "-m", "jitgate", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
 
     async def kubectl(self, *args: str) -> asyncio.subprocess.Process:
         """Start kubectl with this agent's kubeconfig, stdio piped."""
@@ -146,16 +82,6 @@ class Agent:
 def agent(stack: Stack, tmp_path: Path) -> Agent:
     """deploy-bot with a fresh payments-staging grant and its kubeconfig."""
     return Agent(stack, tmp_path)
-
-
-def _operator_revokes(stack: Stack, grant_id: str) -> None:
-    """The operator revokes the grant through the policy service."""
-    credentials = tls.channel_credentials(stack.pki.files("operator"))
-    options = [("grpc.ssl_target_name_override", "policy")]
-    with grpc.secure_channel(stack.address("policy"), credentials, options=options) as channel:
-        policy_pb2_grpc.PolicyStub(channel).RevokeGrants(
-            policy_pb2.RevokeGrantsRequest(grant_id=grant_id, reason="incident 8"), timeout=5
-        )
 
 
 async def test_kubectl_attach_through_the_stack_echoes_from_the_test_api_server(
@@ -204,7 +130,7 @@ async def test_the_operator_revoking_cuts_an_attach_and_a_port_forward_within_a_
         client.send(0, b"still forwarding?")
         assert await asyncio.wait_for(client.message(), 10) == (BINARY, b"\x00still forwarding?")
         assert streams.streams_open == 2
-        _operator_revokes(stack, agent.grant["grant_id"])
+        operator_revokes(stack, agent.grant["grant_id"], "incident 8")
         revoked = time.monotonic()
         closing = await asyncio.wait_for(client.message(), 5)  # the reason, then the end
         assert closing == (8, b"\x03\xf0jitgate: the grant has been revoked")

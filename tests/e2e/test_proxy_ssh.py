@@ -10,16 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncssh
-import grpc
 import pytest
 import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from jitgate import client as sdk
-from jitgate.common import grants, tls
+from jitgate.common import grants
 from jitgate.devstack.stack import SSH_CONNECTION, SSH_CONNECTIONS, Stack
-from jitgate.v1 import audit_pb2, audit_pb2_grpc, policy_pb2, policy_pb2_grpc
+from jitgate.v1 import audit_pb2
+from tests.e2e.conftest import audit_records, operator_revokes
 
 pytestmark = pytest.mark.e2e
 
@@ -28,22 +28,6 @@ AGENT = "ops-bot"
 
 def _agent(stack: Stack, name: str = AGENT) -> sdk.IssuerClient:
     return sdk.IssuerClient(stack.address("issuer"), token=stack.token(name), ca_file=stack.pki.ca)
-
-
-def _audit_records(stack: Stack) -> list[audit_pb2.AuditRecord]:
-    credentials = tls.channel_credentials(stack.pki.files("auditor"))
-    options = [("grpc.ssl_target_name_override", "audit")]
-    with grpc.secure_channel(stack.address("audit"), credentials, options=options) as channel:
-        return list(audit_pb2_grpc.AuditStub(channel).Read(audit_pb2.ReadRequest(), timeout=5))
-
-
-def _operator_revokes(stack: Stack, grant_id: str) -> None:
-    credentials = tls.channel_credentials(stack.pki.files("operator"))
-    options = [("grpc.ssl_target_name_override", "policy")]
-    with grpc.secure_channel(stack.address("policy"), credentials, options=options) as channel:
-        policy_pb2_grpc.PolicyStub(channel).RevokeGrants(
-            policy_pb2.RevokeGrantsRequest(grant_id=grant_id, reason="incident 13"), timeout=5
-        )
 
 
 @pytest.fixture
@@ -218,7 +202,7 @@ def _closed_records(stack: Stack, grant_id: str) -> list[audit_pb2.SessionClosed
     for _ in range(100):  # the report follows the close
         closed = [
             r.event.session_closed
-            for r in _audit_records(stack)
+            for r in audit_records(stack)
             if r.event.session_closed.grant_id == grant_id
         ]
         if closed:
@@ -242,7 +226,7 @@ def test_the_operator_revoking_cuts_the_session_within_a_second(
         try:
             assert session.stdout is not None
             assert session.stdout.readline() == "started\n"
-            _operator_revokes(stack, grant.grant_id)
+            operator_revokes(stack, grant.grant_id, "incident 13")
             revoked_at = time.monotonic()
             session.wait(timeout=10)
             took = time.monotonic() - revoked_at
@@ -251,7 +235,7 @@ def test_the_operator_revoking_cuts_the_session_within_a_second(
         stderr = session.stderr.read() if session.stderr else ""
     assert took < 1.0, f"the session outlived its revocation by {took:.2f}s"
     assert "jitgate: grant revoked" in stderr
-    records = _audit_records(stack)
+    records = audit_records(stack)
     redeemed = [r.event.redemption for r in records if r.event.redemption.grant_id]
     mine = [r for r in redeemed if r.grant_id == grant.grant_id]
     assert [(r.subject, r.connection) for r in mine] == [(AGENT, SSH_CONNECTION)]

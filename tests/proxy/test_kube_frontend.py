@@ -35,6 +35,7 @@ from jitgate.proxy.main import frontends
 from jitgate.proxy.server import agent_tls
 from jitgate.proxy.session import Redeemed, Registry, Relay
 from tests.kubeapi import KubeApi
+from tests.proxy import kube_rig
 
 SA = "sa-unit-token-5b1e"
 GRANT = "grant.token.ok"
@@ -52,68 +53,27 @@ def kubeapi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeApi]:
 
 
 @dataclass
-class Rig:
-    """A running front end, what its fake gate was asked and what it reported."""
+class Rig(kube_rig.Rig):
+    """The rig, and what its fake gate was asked: redeemed sessions, its grant's ttl, Redis down."""
 
-    front: KubeFrontend
-    registry: Registry
-    ca: Path
     redeemed: list[str] = field(default_factory=list)
-    reports: list[Relay] = field(default_factory=list)
     ttl: float = 60.0
     unavailable: bool = False
-
-    @property
-    def port(self) -> int:
-        """The front end's port."""
-        return self.front.port
-
-
-@pytest.fixture
-def limits(request: pytest.FixtureRequest) -> Limits:
-    """The rig's limits: the defaults, or a test's own (parametrize "limits" indirectly)."""
-    chosen: Limits = getattr(request, "param", Limits())
-    return chosen
 
 
 @pytest.fixture
 async def rig(kubeapi: KubeApi, dev_pki: pki.DevPki, limits: Limits) -> AsyncIterator[Rig]:
     """A KubeFrontend for connections: plain, exec allowed, unreachable, bad token, prefixed."""
-    ca = str(kubeapi.files.ca)
     targets = {
-        "payments": KubeTarget(
-            name="payments", server=kubeapi.url, namespace="payments", token=SA, ca_file=ca
-        ),
-        "payments-exec": KubeTarget(
-            name="payments-exec",
-            server=kubeapi.url,
-            namespace="payments",
-            token=SA,
-            ca_file=ca,
-            allow_exec=True,
-        ),
-        "untrusted": KubeTarget(
-            name="untrusted",
-            server=kubeapi.url,
-            namespace="payments",
-            token=SA,
-            ca_file=str(dev_pki.ca),  # not the CA that signed the test API server's certificate
-        ),
+        "payments": kube_rig.target(kubeapi, "payments", SA),
+        "payments-exec": kube_rig.target(kubeapi, "payments-exec", SA, allow_exec=True),
+        # Its CA file is not the CA that signed the test API server's certificate.
+        "untrusted": kube_rig.target(kubeapi, "untrusted", SA, ca_file=str(dev_pki.ca)),
         # Built here as config.py now refuses to: a token h11 will not put in a header.
-        "badtoken": KubeTarget(
-            name="badtoken", server=kubeapi.url, namespace="payments", token=SA + " ", ca_file=ca
-        ),
-        "prefixed": KubeTarget(
-            name="prefixed",
-            server=kubeapi.url + "/prefix/k8s",
-            namespace="payments",
-            token=SA,
-            ca_file=ca,
-        ),
+        "badtoken": kube_rig.target(kubeapi, "badtoken", SA + " "),
+        "prefixed": kube_rig.target(kubeapi, "prefixed", SA, server=kubeapi.url + "/prefix/k8s"),
     }
     registry = Registry()
-    tls = agent_tls(str(dev_pki.files("proxy").cert), str(dev_pki.files("proxy").key))
-    tls.set_alpn_protocols(["http/1.1"])
     state = Rig(front=None, registry=registry, ca=dev_pki.ca)  # type: ignore[arg-type]
 
     async def check(token: str, connection: str, kind: str) -> Claims:
@@ -152,12 +112,9 @@ async def rig(kubeapi: KubeApi, dev_pki: pki.DevPki, limits: Limits) -> AsyncIte
         state.reports.append(relay)
 
     gate = Gate(check=check, redeem=redeem, report=report, registry=registry)
-    state.front = KubeFrontend(
-        gate=gate, targets=targets, tls=tls, listen="127.0.0.1:0", limits=limits
-    )
-    await state.front.start()
-    yield state
-    await state.front.stop()
+    async with kube_rig.serving(gate, targets, dev_pki, limits) as front:
+        state.front = front
+        yield state
 
 
 @dataclass
@@ -175,27 +132,8 @@ class Reply:
 
 async def send(rig: Rig, raw: bytes) -> Reply:
     """Send raw bytes as one request over TLS; parse the response."""
-    context = ssl.create_default_context(cafile=str(rig.ca))
-    reader, writer = await asyncio.open_connection("127.0.0.1", rig.port, ssl=context)
-    try:
-        writer.write(raw)
-        await writer.drain()
-        client = h11.Connection(h11.CLIENT)
-        client.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
-        client.send(h11.EndOfMessage())
-        reply = Reply(0, {}, b"")
-        while True:
-            event = client.next_event()
-            if event is h11.NEED_DATA:
-                client.receive_data(await asyncio.wait_for(reader.read(65536), 10))
-            elif isinstance(event, h11.Response):
-                reply.status, reply.headers = event.status_code, dict(event.headers)
-            elif isinstance(event, h11.Data):
-                reply.body += event.data
-            else:
-                return reply
-    finally:
-        writer.close()
+    (reply,) = await exchange(rig, raw, 1)
+    return reply
 
 
 def get(path: str, token: str = GRANT, *extra: str) -> bytes:

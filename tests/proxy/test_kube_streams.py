@@ -23,13 +23,12 @@ import pytest
 
 from jitgate.common.tls import TlsFiles
 from jitgate.devstack import pki
-from jitgate.proxy.config import KubeTarget
 from jitgate.proxy.gate import Gate
 from jitgate.proxy.grantcheck import Claims
-from jitgate.proxy.kube import KubeFrontend, Limits
-from jitgate.proxy.server import agent_tls
+from jitgate.proxy.kube import Limits
 from jitgate.proxy.session import Redeemed, Registry, Relay
 from tests.kubestreams import BINARY, KubeStreams, PortForward
+from tests.proxy import kube_rig
 
 SA = "sa-streams-token-77c2"
 GRANT = "grant.token.streams"
@@ -56,44 +55,22 @@ def streams(streams_tls: TlsFiles) -> Iterator[KubeStreams]:
 
 
 @dataclass
-class Rig:
-    """A running front end and what its fake gate reported."""
+class Rig(kube_rig.Rig):
+    """The rig, and an event set at each report of its fake gate."""
 
-    front: KubeFrontend
-    registry: Registry
-    ca: Path
-    reports: list[Relay] = field(default_factory=list)
     reported: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-@pytest.fixture
-def limits(request: pytest.FixtureRequest) -> Limits:
-    """The rig's limits: the defaults, or a test's own (parametrize "limits" indirectly)."""
-    chosen: Limits = getattr(request, "param", Limits())
-    return chosen
 
 
 @pytest.fixture
 async def rig(streams: KubeStreams, dev_pki: pki.DevPki, limits: Limits) -> AsyncIterator[Rig]:
     """A KubeFrontend with two connections to the test API server: "streams" allows both."""
-    ca = str(streams.files.ca)
     targets = {
-        "payments": KubeTarget(
-            name="payments", server=streams.url, namespace="payments", token=SA, ca_file=ca
-        ),
-        "streams": KubeTarget(
-            name="streams",
-            server=streams.url,
-            namespace="payments",
-            token=SA,
-            ca_file=ca,
-            allow_exec=True,
-            allow_port_forward=True,
+        "payments": kube_rig.target(streams, "payments", SA),
+        "streams": kube_rig.target(
+            streams, "streams", SA, allow_exec=True, allow_port_forward=True
         ),
     }
     registry = Registry()
-    tls = agent_tls(str(dev_pki.files("proxy").cert), str(dev_pki.files("proxy").key))
-    tls.set_alpn_protocols(["http/1.1"])
     state = Rig(front=None, registry=registry, ca=dev_pki.ca)  # type: ignore[arg-type]
 
     async def check(token: str, connection: str, kind: str) -> Claims:
@@ -122,12 +99,9 @@ async def rig(streams: KubeStreams, dev_pki: pki.DevPki, limits: Limits) -> Asyn
         state.reported.set()
 
     gate = Gate(check=check, redeem=redeem, report=report, registry=registry)
-    state.front = KubeFrontend(
-        gate=gate, targets=targets, tls=tls, listen="127.0.0.1:0", limits=limits
-    )
-    await state.front.start()
-    yield state
-    await state.front.stop()
+    async with kube_rig.serving(gate, targets, dev_pki, limits) as front:
+        state.front = front
+        yield state
 
 
 async def kubectl(rig: Rig, home: Path, connection: str, *args: str) -> asyncio.subprocess.Process:

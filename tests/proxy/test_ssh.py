@@ -148,11 +148,12 @@ class Agent(asyncssh.SSHClient):
         self.banners.append(msg)
 
 
-async def _connect(
-    rig: Rig, user: str = "box", password: str = TOKEN, port: int | None = None
+async def _log_in(
+    rig: Rig, client: type[Agent], user: str, password: str, port: int | None
 ) -> tuple[asyncssh.SSHClientConnection, Agent]:
+    """Log in by password alone, as an agent does: no keys, no ssh-agent, no config."""
     conn, agent = await asyncssh.create_connection(
-        Agent,
+        client,
         "127.0.0.1",
         port or rig.port,
         username=user,
@@ -167,6 +168,13 @@ async def _connect(
     return conn, agent
 
 
+async def _connect(
+    rig: Rig, user: str = "box", password: str = TOKEN, port: int | None = None
+) -> tuple[asyncssh.SSHClientConnection, Agent]:
+    """Log in as an agent whose login is expected to succeed."""
+    return await _log_in(rig, Agent, user, password, port)
+
+
 async def _refused(
     rig: Rig, user: str = "box", password: str = TOKEN, port: int | None = None
 ) -> tuple[str, list[str]]:
@@ -179,19 +187,7 @@ async def _refused(
             self.banners = banners
 
     with pytest.raises(asyncssh.DisconnectError) as refused:
-        await asyncssh.create_connection(
-            Watching,
-            "127.0.0.1",
-            port or rig.port,
-            username=user,
-            password=password,
-            known_hosts=None,
-            config=None,
-            agent_path=None,
-            client_keys=None,
-            preferred_auth="password",
-            connect_timeout=5,
-        )
+        await _log_in(rig, Watching, user, password, port)
     return refused.value.reason, banners
 
 
