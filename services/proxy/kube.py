@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
@@ -27,6 +26,7 @@ from opentelemetry import trace
 
 from jitgate.common import telemetry
 from jitgate.proxy import kubehttp, kubepolicy, wsframes
+from jitgate.proxy.caps import Tally, Throttle
 from jitgate.proxy.config import KubeTarget
 from jitgate.proxy.gate import Gate
 from jitgate.proxy.kubegrants import Grants, Held, Refused, ended
@@ -54,8 +54,6 @@ MAX_CONNECTIONS_PER_IP = 64
 """Agent connections open at once from one client address."""
 MAX_IN_FLIGHT = 64
 """Requests of one grant in flight at once (watches and exec streams too); more get 429."""
-REFUSAL_LOG_INTERVAL = 1.0
-"""Seconds between log lines about connections refused over a cap (a flood is one line a second)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -631,11 +629,11 @@ class KubeFrontend:
         self._contexts = {name: upstream_tls(t) for name, t in self.targets.items()}
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._open: dict[str, int] = {}
+        self._open = Tally(
+            total=self.limits.max_connections, per_key=self.limits.max_connections_per_ip
+        )
         """Connections open by client address."""
-        self._over_cap = 0
-        """Connections refused over a cap since the last log line about it."""
-        self._over_cap_logged = -REFUSAL_LOG_INTERVAL
+        self._refusals = Throttle(log)
 
     def upstream_tls(self, target: KubeTarget) -> ssl.SSLContext:
         """The TLS context for target's API server, made once at start-up."""
@@ -651,7 +649,7 @@ class KubeFrontend:
     @property
     def connections(self) -> int:
         """Agent connections open now (past their TLS handshake)."""
-        return sum(self._open.values())
+        return self._open.total
 
     async def start(self) -> str:
         """Listen; return host:port."""
@@ -667,33 +665,25 @@ class KubeFrontend:
 
     def _admit(self, address: str) -> bool:
         """Count a new connection from address; False (and logged) if over a cap."""
-        total, mine = self.connections, self._open.get(address, 0)
-        if total < self.limits.max_connections and mine < self.limits.max_connections_per_ip:
-            self._open[address] = mine + 1
+        if self._open.take(address):
             return True
-        self._over_cap += 1
-        now = time.monotonic()
-        if now - self._over_cap_logged >= REFUSAL_LOG_INTERVAL:
+        refused = self._refusals.due()
+        if refused is not None:
             log.warning(
                 "kubernetes: refused %d new connection(s) over the cap, the last from %s"
                 " (%d open, %d from it; caps %d and %d per address)",
-                self._over_cap,
+                refused,
                 address,
-                total,
-                mine,
+                self._open.total,
+                self._open[address],
                 self.limits.max_connections,
                 self.limits.max_connections_per_ip,
             )
-            self._over_cap, self._over_cap_logged = 0, now
         return False
 
     def _release(self, address: str) -> None:
         """Uncount a connection from address."""
-        left = self._open.get(address, 0) - 1
-        if left > 0:
-            self._open[address] = left
-        else:
-            self._open.pop(address, None)
+        self._open.give_back(address)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A new agent connection (TLS done): count it, or refuse it over a cap; serve it."""

@@ -20,7 +20,6 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from jitgate.common.errors import (
 )
 from jitgate.common.jws import MAX_TOKEN_BYTES
 from jitgate.proxy import sshagent, sshforward, sshrelay
+from jitgate.proxy.caps import Tally, Throttle
 from jitgate.proxy.config import SshTarget
 from jitgate.proxy.gate import Gate, Lease
 from jitgate.proxy.session import DENIALS, HANDSHAKE_TIMEOUT, Redeemed, Relay
@@ -66,29 +66,6 @@ MAX_CONNECTIONS = 512
 """Agent connections open at once, logins in progress included; more are closed at accept."""
 MAX_PER_GRANT = 16
 """Agent connections holding one grant at once; more are refused before the grant is redeemed."""
-REFUSAL_LOG_INTERVAL = 1.0
-"""Seconds between log lines about refusals over a cap (a flood is one line a second)."""
-
-
-class Throttle:
-    """Warnings about refusals over a cap: the first at once, then one an interval at most."""
-
-    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL) -> None:
-        """At most one line each interval seconds."""
-        self._interval = interval
-        self._held = 0
-        self._last = -interval
-
-    def warning(self, message: str, *args: object) -> None:
-        """Log message % args, unless a line went out less than an interval ago (then count it)."""
-        # A flood of refused opens or connections must not become a flood of log lines.
-        self._held += 1
-        now = time.monotonic()
-        if now - self._last < self._interval:
-            return
-        log.warning(f"{message} (%d refused since the last line)", *args, self._held)
-        self._held = 0
-        self._last = now
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,11 +152,13 @@ class SshFrontend:
         self.live: set[AgentConnection] = set()
         self.workdir: Path | None = None
         """A private directory for agent forwarding's sockets, while listening."""
-        self._starting: Counter[str] = Counter()
+        self._starting = Tally(
+            total=self.limits.max_startups, per_key=self.limits.max_startups_per_source
+        )
         """Logins in progress by client address."""
-        self._grants: Counter[str] = Counter()
+        self._grants = Tally(per_key=self.limits.max_per_grant)
         """Agent connections holding (or redeeming) each grant, by grant id."""
-        self.refusals = Throttle()
+        self.refusals = Throttle(log)
         """Log lines about connections closed over a cap."""
 
     def accept(self, agent: AgentConnection, source: str) -> str | None:
@@ -190,33 +169,25 @@ class SshFrontend:
         # keep a flood of handshakes from starving the sessions already open.
         if len(self.live) >= limits.max_connections:
             return f"{len(self.live)} agent connections open, the limit"
-        starting = self._starting.total()
-        if starting >= limits.max_startups:
-            return f"{starting} logins in progress, the limit"
-        if self._starting[source] >= limits.max_startups_per_source:
-            return f"{self._starting[source]} logins in progress from {source}, the limit"
+        if not self._starting.take(source):
+            starting, mine = self._starting.total, self._starting[source]
+            if starting >= limits.max_startups:
+                return f"{starting} logins in progress, the limit"
+            return f"{mine} logins in progress from {source}, the limit"
         self.live.add(agent)
-        self._starting[source] += 1
         return None
 
     def login_over(self, source: str) -> None:
         """A login from source is over: in, refused or gone."""
-        self._starting[source] -= 1
-        if self._starting[source] <= 0:
-            del self._starting[source]
+        self._starting.give_back(source)
 
     def hold_grant(self, grant_id: str) -> bool:
         """Count one more connection on grant_id; False, counting nothing, if it has its cap."""
-        if self._grants[grant_id] >= self.limits.max_per_grant:
-            return False
-        self._grants[grant_id] += 1
-        return True
+        return self._grants.take(grant_id)
 
     def release_grant(self, grant_id: str) -> None:
         """A connection on grant_id is over."""
-        self._grants[grant_id] -= 1
-        if self._grants[grant_id] <= 0:
-            del self._grants[grant_id]
+        self._grants.give_back(grant_id)
 
     async def start(self) -> str:
         """Listen; return the address listened on."""
@@ -300,7 +271,7 @@ class AgentConnection(asyncssh.SSHServer):
         """The client address while its login is in progress (counted against MAX_STARTUPS)."""
         self._grant: str | None = None
         """The grant this connection counts against (MAX_PER_GRANT), once checked."""
-        self._refusals = Throttle()
+        self._refusals = Throttle(log)
         """Log lines about this connection's channel opens refused over a cap."""
         self._forwards = Slots(frontend.limits.max_forwards, self._forward_refused)
 
