@@ -96,6 +96,17 @@ _DURATION = telemetry.meter().create_histogram(
 )
 
 
+async def _fail(method: str, who: str, context: Context, exc: Exception) -> None:
+    """End an RPC whose handler raised: its status if a JitgateError, else INTERNAL, logged."""
+    if isinstance(exc, JitgateError):
+        _log_error(method, who, exc)
+        await context.abort_with_status(to_status(exc))
+    else:
+        # A bug, never bad input: bad input raises a JitgateError.
+        log.error("%s from %s: unexpected error", method, who, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
 def _record_duration(method: str, code: grpc.StatusCode, started: float) -> None:
     if telemetry.exporting_metrics():
         _DURATION.record(
@@ -247,13 +258,8 @@ class ServiceGuard(_Interceptor):
                     return await behaviour(request, context)
                 except grpc.aio.AbortError:
                     raise
-                except JitgateError as exc:
-                    _log_error(method, who, exc)
-                    await context.abort_with_status(to_status(exc))
-                except Exception:
-                    # A bug, never bad input: bad input raises a JitgateError above.
-                    log.exception("%s from %s: unexpected error", method, who)
-                    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                except Exception as exc:
+                    await _fail(method, who, context, exc)
                 finally:
                     caller.reset(token)
 
@@ -276,11 +282,7 @@ class ServiceGuard(_Interceptor):
                         await produced
                 except grpc.aio.AbortError:
                     raise
-                except JitgateError as exc:
-                    _log_error(method, who, exc)
-                    await context.abort_with_status(to_status(exc))
-                except Exception:
-                    log.exception("%s from %s: unexpected error", method, who)
-                    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                except Exception as exc:
+                    await _fail(method, who, context, exc)
 
         return guarded

@@ -42,10 +42,13 @@ class ClientTracing(_UnaryUnary, _UnaryStream):
     def __init__(self, peer: str) -> None:
         self._peer = peer
 
-    def _start(self, details: grpc.aio.ClientCallDetails) -> trace.Span:
+    def _started(
+        self, details: grpc.aio.ClientCallDetails
+    ) -> tuple[trace.Span, grpc.aio.ClientCallDetails]:
+        """A CLIENT span for the call, and the call's details carrying its context."""
         method = _method(details)
         service, _, name = method.partition("/")
-        return telemetry.tracer().start_span(
+        span = telemetry.tracer().start_span(
             method,
             kind=trace.SpanKind.CLIENT,
             attributes={
@@ -55,6 +58,8 @@ class ClientTracing(_UnaryUnary, _UnaryStream):
                 "server.address": self._peer,
             },
         )
+        with trace.use_span(span, end_on_exit=False):
+            return span, _with_context(details)
 
     @staticmethod
     def _finish(span: trace.Span, code: grpc.StatusCode) -> None:
@@ -70,9 +75,7 @@ class ClientTracing(_UnaryUnary, _UnaryStream):
         request: Any,
     ) -> Any:
         """Run the call inside a CLIENT span whose context travels with it."""
-        span = self._start(client_call_details)
-        with trace.use_span(span, end_on_exit=False):
-            details = _with_context(client_call_details)
+        span, details = self._started(client_call_details)
         call = await continuation(details, request)
         try:
             await call
@@ -92,9 +95,7 @@ class ClientTracing(_UnaryUnary, _UnaryStream):
         request: Any,
     ) -> Any:
         """Run the streaming call inside a CLIENT span that ends with the stream."""
-        span = self._start(client_call_details)
-        with trace.use_span(span, end_on_exit=False):
-            details = _with_context(client_call_details)
+        span, details = self._started(client_call_details)
         call = await continuation(details, request)
         # An aio call's code() is a coroutine, so the span ends in a task of its own.
         ending = asyncio.ensure_future(self._end_with(span, call))
