@@ -26,7 +26,7 @@ from jitgate.common.config import Env
 from jitgate.common.errors import PermissionDenied, Unauthenticated, Unavailable
 from jitgate.devstack import pki
 from jitgate.devstack.redis_server import free_port
-from jitgate.proxy import kube
+from jitgate.proxy import kubeforward
 from jitgate.proxy.config import KubeTarget
 from jitgate.proxy.gate import Gate
 from jitgate.proxy.grantcheck import Claims
@@ -670,10 +670,10 @@ async def test_an_error_in_the_middle_of_a_stream_ends_that_request_in_one_line(
     rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, error: OSError
 ) -> None:
     caplog.set_level(logging.INFO)
-    real = kube._Forward._receive_upstream
+    real = kubeforward.Forward._receive_upstream
     calls = 0
 
-    async def failing(self: kube._Forward, up: h11.Connection, reader: Any) -> object:
+    async def failing(self: kubeforward.Forward, up: h11.Connection, reader: Any) -> object:
         """The API server's response head arrives; then its connection fails."""
         nonlocal calls
         calls += 1
@@ -681,7 +681,7 @@ async def test_an_error_in_the_middle_of_a_stream_ends_that_request_in_one_line(
             raise error
         return await real(self, up, reader)
 
-    monkeypatch.setattr(kube._Forward, "_receive_upstream", failing)
+    monkeypatch.setattr(kubeforward.Forward, "_receive_upstream", failing)
     client = await Client.open(rig)
     try:
         client.write(get("/connections/payments/api/v1/namespaces/payments/pods"))
@@ -701,11 +701,11 @@ async def test_an_error_in_the_middle_of_a_stream_ends_that_request_in_one_line(
 async def test_an_upstream_that_fails_before_its_answer_gives_a_502(
     rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def failing(self: kube._Forward, up: h11.Connection, reader: Any) -> object:
+    async def failing(self: kubeforward.Forward, up: h11.Connection, reader: Any) -> object:
         """The API server's connection fails before its response head."""
         raise ssl.SSLError(1, "decryption failed")
 
-    monkeypatch.setattr(kube._Forward, "_receive_upstream", failing)
+    monkeypatch.setattr(kubeforward.Forward, "_receive_upstream", failing)
     reply = await send(rig, get("/connections/payments/version"))
     assert (reply.status, reply.json()["reason"]) == (502, "InternalError")
     assert reply.headers[b"connection"] == b"close"
