@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# sshd and kubectl, from the distribution's packages where missing (see the script).
+# sshd and ssh, from the distribution's packages where missing (see the script).
 tools:
 	@scripts/system-tools
 

@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -22,6 +23,10 @@ from psycopg.conninfo import make_conninfo
 
 from jitgate.devstack import pki
 from jitgate.devstack.redis_server import RedisServer, free_port
+
+# The venv's programs first, whether or not it is activated: kubectl comes
+# from a dev dependency, so every machine runs the same release of it.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture(scope="session")
