@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: tools demo test check lint typecheck unit protos up bench bench-grant-path bench-verifier bench-audit bench-audit-crash bench-proxy bench-grants bench-soak bench-faults interop clean
+.PHONY: tools demo test check lint typecheck unit protos up bench bench-grant-path bench-verifier bench-audit bench-audit-crash bench-proxy bench-grants bench-hop bench-soak bench-faults interop clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,11 +41,15 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 # Every benchmark; results go in bench/RESULTS.md.
-bench: bench-grants bench-grant-path bench-verifier bench-audit bench-proxy
+bench: bench-grants bench-hop bench-grant-path bench-verifier bench-audit bench-proxy
 
 # RequestGrant at saturation and at fixed rates, beside a no-op chain of the same hops.
 bench-grants: $(STAMP)
 	$(BIN)/python bench/grants.py
+
+# One mTLS hop: a unary call beside a message on an open stream, CPU per call.
+bench-hop: $(STAMP)
+	$(BIN)/python bench/hop.py
 
 # Ten minutes at 200 grants/s: errors, latency by minute, every process's RSS.
 bench-soak: $(STAMP)

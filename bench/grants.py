@@ -25,7 +25,6 @@ from pathlib import Path
 
 import grpc
 
-from jitgate.devstack import pki
 from jitgate.devstack.redis_server import free_port
 from jitgate.devstack.stack import PROXIED_CONNECTION, Stack
 from jitgate.v1 import issuer_pb2, issuer_pb2_grpc
@@ -34,6 +33,8 @@ FLOOR = Path(__file__).with_name("floor.py")
 CONCURRENCY = 32
 """Requests in flight at saturation: enough to keep every process busy."""
 RATES = (100, 200, 400)
+FAIR_RATE = 200
+"""The offered rate at which CPU per call is compared: below every chain's capacity."""
 ROLES = ("issuer", "verifier", "policy", "audit")
 
 Call = Callable[[], Awaitable[object]]
@@ -57,6 +58,8 @@ class Run:
     errors: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
     """CPU seconds each process of the chain used during the phase."""
+    client_cpu: float = 0.0
+    """CPU seconds the load generator (this process) used during the phase."""
 
     def cpu_ms_per_call(self, name: str) -> float:
         """Milliseconds of a process's CPU per successful call."""
@@ -123,38 +126,43 @@ async def offer(call: Call, rate: float, seconds: float) -> Run:
     return run
 
 
+CHAIN = (
+    ("audit", ()),
+    ("verifier", ()),
+    ("policy", ("audit",)),
+    ("issuer", ("verifier", "policy")),
+)
+"""The floor's processes in start order, each with the hops it calls per request."""
+FRONT_ONLY = (("issuer", ()),)
+"""The agent's hop alone: what a request costs before any internal hop."""
+
+
 @contextmanager
-def floor(pki_dir: Path, logs: Path) -> Iterator[tuple[str, dict[str, int]]]:
-    """Start the four no-op processes; yield the front's address and their pids by role."""
-    ports = {name: free_port() for name in ("issuer", "verifier", "policy", "audit")}
-    address = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
-    roles = [
-        ("audit", []),
-        ("verifier", []),
-        ("policy", [f"audit={address['audit']}"]),
-        ("issuer", [f"verifier={address['verifier']}", f"policy={address['policy']}"]),
-    ]
-    processes = []
+def floor(
+    pki_dir: Path, logs: Path, chain: tuple[tuple[str, tuple[str, ...]], ...] = CHAIN
+) -> Iterator[tuple[str, dict[str, int]]]:
+    """Start chain's no-op processes; yield the front's address and their pids by role."""
+    address = {role: f"127.0.0.1:{free_port()}" for role, _ in chain}
+    suffix = "" if chain == CHAIN else "-front"
+    processes: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        for role, hops in roles:
+        for role, hops in chain:
             process = subprocess.Popen(
-                [sys.executable, str(FLOOR), role, address[role], str(pki_dir), *hops],
+                [sys.executable, str(FLOOR), role, address[role], str(pki_dir)]
+                + [f"{hop}={address[hop]}" for hop in hops],
                 stdout=subprocess.PIPE,
-                stderr=(logs / f"floor-{role}.log").open("wb"),
+                stderr=(logs / f"floor{suffix}-{role}.log").open("wb"),
                 env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
             )
-            processes.append(process)
+            processes[role] = process
             assert process.stdout is not None
             if process.stdout.readline().strip() != b"ready":
                 raise SystemExit(f"floor {role} did not start; see {logs}")
-        yield (
-            address["issuer"],
-            {role: p.pid for (role, _), p in zip(roles, processes, strict=True)},
-        )
+        yield address["issuer"], {role: p.pid for role, p in processes.items()}
     finally:
-        for process in processes:
+        for process in processes.values():
             process.terminate()
-        for process in processes:
+        for process in processes.values():
             process.wait(timeout=10)
 
 
@@ -174,38 +182,39 @@ def request_grant(channel: grpc.aio.Channel, token: str) -> Call:
 
 
 async def metered(pids: dict[str, int], phase: Awaitable[Run]) -> Run:
-    """Run a phase and note the CPU each process in pids used during it."""
+    """Run a phase and note the CPU each process in pids, and this client, used during it."""
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    client = time.process_time()
     run = await phase
     run.cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    run.client_cpu = time.process_time() - client
     return run
 
 
 async def measure(
-    stack: Stack, floor_address: str, floor_pids: dict[str, int], seconds: float
+    stack: Stack,
+    floors: dict[str, tuple[str, dict[str, int]]],
+    seconds: float,
 ) -> dict[str, dict[str, Run]]:
-    """Saturation, then each offered rate, on the floor and the real chain alike."""
+    """Saturation, then each offered rate, on the floor and the real chain alike.
+
+    floors maps "floor" (the whole no-op chain) and "front" (its front alone)
+    to their address and pids; the front is measured at saturation and 200/s.
+    """
     token = stack.token("deploy-bot")
     real_channel = issuer_channel(stack)
-    floor_channel = issuer_channel(stack, floor_address)
+    floor_channels = {name: issuer_channel(stack, address) for name, (address, _) in floors.items()}
     # The floor gets the same bytes: the request, and the token in the metadata.
     payload = issuer_pb2.RequestGrantRequest(
         connection=PROXIED_CONNECTION, ttl_seconds=60
     ).SerializeToString()
-    noop = floor_channel.unary_unary(
-        "/jitgate.floor.Floor/Call",
-        request_serializer=lambda b: b,
-        response_deserializer=lambda b: b,
-    )
     metadata = (("authorization", f"Bearer {token}"),)
     calls: dict[str, Call] = {
-        "floor": lambda: noop(payload, metadata=metadata, timeout=5),
-        "jitgate": request_grant(real_channel, token),
+        name: noop_call(channel, payload, metadata) for name, channel in floor_channels.items()
     }
-    pids = {
-        "floor": floor_pids,
-        "jitgate": {name: stack.processes[name].pid for name in ROLES},
-    }
+    calls["jitgate"] = request_grant(real_channel, token)
+    pids = {name: dict(floor_pids) for name, (_, floor_pids) in floors.items()}
+    pids["jitgate"] = {name: stack.processes[name].pid for name in ROLES}
     if stack.redis is not None and stack.redis.process is not None:
         pids["jitgate"]["redis"] = stack.redis.process.pid
     results: dict[str, dict[str, Run]] = {name: {} for name in calls}
@@ -217,11 +226,26 @@ async def measure(
     half = results["floor"]["saturation"].rate / 2
     for rate in (*RATES, half):
         for name, call in calls.items():
+            if name == "front" and rate != FAIR_RATE:
+                continue
             print(f"{name} at {rate:.0f}/s …", file=sys.stderr)
             results[name][f"{rate:.0f}/s"] = await metered(pids[name], offer(call, rate, seconds))
     await real_channel.close()
-    await floor_channel.close()
+    for channel in floor_channels.values():
+        await channel.close()
     return results
+
+
+def noop_call(
+    channel: grpc.aio.Channel, payload: bytes, metadata: tuple[tuple[str, str], ...]
+) -> Call:
+    """One call to a floor's front with RequestGrant's bytes, as a call to repeat."""
+    noop = channel.unary_unary(
+        "/jitgate.floor.Floor/Call",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    return lambda: noop(payload, metadata=metadata, timeout=5)
 
 
 def report(results: dict[str, dict[str, Run]], seconds: float) -> None:
@@ -233,7 +257,12 @@ def report(results: dict[str, dict[str, Run]], seconds: float) -> None:
     )
     print(f"| at saturation ({CONCURRENCY} in flight) | calls/s | p50 ms | p99 ms | errors |")
     print("|---|---|---|---|---|")
-    for label, run in (("floor: same hops, no-op handlers", floor_run), ("RequestGrant", real_run)):
+    rows = (
+        ("floor: the agent's hop alone", results["front"]["saturation"]),
+        ("floor: same hops, no-op handlers", floor_run),
+        ("RequestGrant", real_run),
+    )
+    for label, run in rows:
         print(
             f"| {label} | {run.rate:,.0f} | {run.percentile(50):.2f} | {run.percentile(99):.2f}"
             f" | {sum(run.errors.values())} |"
@@ -254,33 +283,73 @@ def report(results: dict[str, dict[str, Run]], seconds: float) -> None:
 
 
 def report_cpu(results: dict[str, dict[str, Run]]) -> None:
-    """Print each process's CPU per call, floor beside jitgate, at saturation and at 200/s."""
-    phases = [p for p in ("saturation", "200/s") if p in results["jitgate"]]
-    print("\n| ms CPU per call | " + " | ".join(f"floor {p} | jitgate {p}" for p in phases) + " |")
-    print("|---|" + "---|---|" * len(phases))
-    for name in (*ROLES, "redis"):
+    """Print each process's CPU per call (front alone, floor, jitgate) at saturation and 200/s."""
+    phases = ("saturation", f"{FAIR_RATE}/s")
+    chains = ("front", "floor", "jitgate")
+    print(
+        "\n| ms CPU per call | "
+        + " | ".join(f"{chain} {phase}" for phase in phases for chain in chains)
+        + " |"
+    )
+    print("|---|" + "---|" * len(phases) * len(chains))
+    for name in (*ROLES, "redis", "client"):
         cells = []
         for phase in phases:
-            low, real = results["floor"][phase], results["jitgate"][phase]
-            floor_cell = f"{low.cpu_ms_per_call(name):.2f}" if name in low.cpu else "-"
-            cells += [floor_cell, f"{real.cpu_ms_per_call(name):.2f}"]
+            for chain in chains:
+                run = results[chain][phase]
+                if name == "client":
+                    cells.append(f"{1000 * run.client_cpu / max(1, len(run.latencies)):.2f}")
+                else:
+                    cells.append(f"{run.cpu_ms_per_call(name):.2f}" if name in run.cpu else "-")
         print(f"| {name} | " + " | ".join(cells) + " |")
-    totals = []
-    for phase in phases:
-        for run in (results["floor"][phase], results["jitgate"][phase]):
-            totals.append(f"{sum(run.cpu_ms_per_call(n) for n in run.cpu):.2f}")
-    print("| all | " + " | ".join(totals) + " |")
+    totals = [f"{total_cpu(results[c][p]):.2f}" for p in phases for c in chains]
+    print("| all, client included | " + " | ".join(totals) + " |")
+
+
+def total_cpu(run: Run) -> float:
+    """Milliseconds of CPU per successful call, every process and the client together."""
+    return sum(run.cpu_ms_per_call(n) for n in run.cpu) + 1000 * run.client_cpu / max(
+        1, len(run.latencies)
+    )
+
+
+def report_bound(results: dict[str, dict[str, Run]], goal: float = 0.70) -> None:
+    """Print the CPU a grant may cost to meet the goal, and the best free internal hops could do.
+
+    At saturation the two cores are the limit, so calls/s x CPU per call is the
+    CPU the machine gives (cores). The floor minus its front alone is what the
+    three internal hops cost at both ends: batching or streaming them could at
+    best remove that much from a grant.
+    """
+    floor, front, real = (results[c]["saturation"] for c in ("floor", "front", "jitgate"))
+    cores = real.rate * total_cpu(real) / 1000
+    budget = cores * 1000 / (goal * floor.rate)
+    hops = total_cpu(floor) - total_cpu(front)
+    best = cores * 1000 / (total_cpu(real) - hops)
+    print(
+        f"\nAt saturation the chain used {cores:.2f} cores. {goal:.2f} of the floor "
+        f"({goal * floor.rate:,.0f}/s) allows {budget:.2f} ms of CPU per grant, client "
+        f"included; a grant costs {total_cpu(real):.2f} ms, of which the floor's hops and "
+        f"no-op handlers are {total_cpu(floor):.2f}.\n"
+        f"The three internal hops cost {hops:.2f} ms per call (floor minus its front alone). "
+        f"Were they free, RequestGrant would reach {best:,.0f}/s: "
+        f"{best / floor.rate:.2f} of the floor."
+    )
 
 
 def main(seconds: float) -> None:
-    """Start the stack and the floor, measure, print."""
+    """Start the stack and the floors, measure, print."""
     with tempfile.TemporaryDirectory(prefix="jitgate-bench-") as name:
         tmp = Path(name)
-        with Stack(tmp / "stack") as stack, floor(stack.pki.root, stack.logs) as (front, pids):
-            pki.init(stack.pki.root)  # the floor's roles use the stack's certificates
-            results = asyncio.run(measure(stack, front, pids, seconds))
+        with (
+            Stack(tmp / "stack") as stack,
+            floor(stack.pki.root, stack.logs) as whole,
+            floor(stack.pki.root, stack.logs, FRONT_ONLY) as front,
+        ):
+            results = asyncio.run(measure(stack, {"floor": whole, "front": front}, seconds))
     report(results, seconds)
     report_cpu(results)
+    report_bound(results)
 
 
 if __name__ == "__main__":
