@@ -58,6 +58,8 @@ MAX_SESSIONS = 10
 """Session channels open at once on one agent connection (OpenSSH's MaxSessions default)."""
 MAX_FORWARDS = 32
 """Forwarded channels (direct-tcpip and forwarded-tcpip) open at once on one agent connection."""
+MAX_LISTENERS = 8
+"""Host listeners (ssh -R, tcpip-forward) held at once by one agent connection."""
 MAX_STARTUPS = 64
 """Logins in progress at once, accept to a finished login (as OpenSSH's MaxStartups); more close."""
 MAX_STARTUPS_PER_SOURCE = 16
@@ -74,6 +76,7 @@ class Limits:
 
     max_sessions: int = MAX_SESSIONS
     max_forwards: int = MAX_FORWARDS
+    max_listeners: int = MAX_LISTENERS
     max_startups: int = MAX_STARTUPS
     max_startups_per_source: int = MAX_STARTUPS_PER_SOURCE
     max_connections: int = MAX_CONNECTIONS
@@ -274,6 +277,7 @@ class AgentConnection(asyncssh.SSHServer):
         self._refusals = Throttle(log)
         """Log lines about this connection's channel opens refused over a cap."""
         self._forwards = Slots(frontend.limits.max_forwards, self._forward_refused)
+        self._listeners = Slots(frontend.limits.max_listeners, self._listener_refused)
 
     # Connection and authentication (RFC 4252) ---------------------------
 
@@ -589,6 +593,15 @@ class AgentConnection(asyncssh.SSHServer):
             self._forwards.limit,
         )
 
+    def _listener_refused(self, what: str) -> None:
+        """Log a host listener refused over MAX_LISTENERS."""
+        self._refusals.warning(
+            "ssh session %s: %s refused, %d held, the limit",
+            self.session_id,
+            what,
+            self._listeners.limit,
+        )
+
     def _counters(self) -> tuple[Callable[[int], None], Callable[[int], None]]:
         """(count bytes from the agent, count bytes to the agent) into the session's totals."""
         stats = self._stats
@@ -641,10 +654,16 @@ class AgentConnection(asyncssh.SSHServer):
             return False
         assert self._upstream is not None
         assert self._conn is not None
+        # Each listener is a socket held open on the host for as long as the
+        # agent likes, and OpenSSH caps none: the cap is ours. A refused
+        # request fails without a reason (RFC 4254 section 7.1 has none).
+        if not self._listeners.take("host listener"):
+            return False
         return sshforward.remote(
             self._upstream,
             self._conn,
             (listen_host, listen_port),
             self._counters(),
             self._forwards,
+            self._listeners.once(),
         )

@@ -171,11 +171,13 @@ async def remote(
     listen: tuple[str, int],
     count: tuple[Callable[[int], None], Callable[[int], None]],
     slots: Slots,
+    closed: Callable[[], None],
 ) -> asyncssh.SSHListener:
     """tcpip-forward (RFC 4254 section 7.1): the host listens; each connection comes to the agent.
 
     count is (bytes from the agent, bytes to the agent). Each connection takes
     one of slots while open; over the cap the host's channel open is refused.
+    closed is called once when the listener is closed or could not be made.
     """
     host, port = listen
 
@@ -206,6 +208,32 @@ async def remote(
     try:
         listener = await upstream.create_server(accept, host, port, encoding=None)
     except (asyncssh.Error, asyncssh.ChannelListenError) as exc:
+        closed()
         raise OSError(f"the host refused to listen: {exc}") from None
-    port = listener.get_port()
-    return listener
+    except BaseException:
+        closed()
+        raise
+    return HostListener(listener, closed)
+
+
+class HostListener(asyncssh.SSHListener):
+    """A listener on the host, as the agent's connection holds it: closing it calls closed."""
+
+    def __init__(self, inner: asyncssh.SSHListener, closed: Callable[[], None]) -> None:
+        """Wrap inner (the upstream's listener); closed gives the agent's place back."""
+        super().__init__()
+        self._inner = inner
+        self._closed = closed
+
+    def get_port(self) -> int:
+        """The port the host listens on."""
+        return self._inner.get_port()
+
+    def close(self) -> None:
+        """Stop listening on the host (cancel-tcpip-forward, or the agent's connection ended)."""
+        self._inner.close()
+        self._closed()
+
+    async def wait_closed(self) -> None:
+        """Wait for the host's listener to close."""
+        await self._inner.wait_closed()

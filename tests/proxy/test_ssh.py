@@ -579,6 +579,37 @@ async def test_forwarded_channels_past_the_cap_are_refused(
             listener.close()
 
 
+async def test_host_listeners_past_the_cap_are_refused(
+    rig: Rig, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    echo_port = echo.sockets[0].getsockname()[1]
+    async with echo, _listener(rig, host, max_listeners=2) as port:
+        conn, _ = await _connect(rig, "box-fwd", port=port)
+        async with conn:
+            first = await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", echo_port)
+            second = await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", echo_port)
+            with pytest.raises(asyncssh.ChannelListenError):
+                await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", echo_port)
+            assert "host listener refused, 2 held, the limit" in caplog.text
+            # A listener the host would not open gives its place back at once:
+            # the second listener's own port is taken on the host.
+            first.close()
+            await first.wait_closed()
+            with pytest.raises(asyncssh.ChannelListenError):
+                await conn.forward_remote_port(
+                    "127.0.0.1", second.get_port(), "127.0.0.1", echo_port
+                )
+            # Both places that closed (cancelled, refused by the host) came back.
+            third = await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", echo_port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", third.get_port())
+            writer.write(b"ping\n")
+            assert await asyncio.wait_for(reader.readline(), 5) == b"echo:ping\n"
+            writer.close()
+            third.close()
+            second.close()
+
+
 async def test_logins_in_progress_past_the_cap_are_closed_at_accept(
     rig: Rig, host: Host, caplog: pytest.LogCaptureFixture
 ) -> None:
