@@ -37,6 +37,8 @@ PENDING_WINDOW = 64 * 1024
 """The window an agent's session channel offers until its upstream channel is open (two packets)."""
 OPEN_WINDOW = 2 * 1024 * 1024
 """The window it offers once the upstream channel is open (asyncssh's and OpenSSH's default)."""
+MAX_HELD_SIGNALS = 8
+"""Signals held for a command whose upstream channel is still opening; more are dropped."""
 PASSED_ENV = re.compile(rb"LANG|LC_[A-Z_]{1,32}|TERM|COLORTERM|NO_COLOR")
 """Env variables passed on: the locale's (as Debian's SendEnv/AcceptEnv) and the terminal's."""
 MAX_PASSED_ENV = 32
@@ -130,8 +132,9 @@ class AgentSide(asyncssh.SSHServerSession[bytes]):
         self._pty: tuple[str, tuple[int, int, int, int], Mapping[int, int]] | None = None
         self._command: str | None = None
         self._subsystem: str | None = None
-        self._pending: list[bytes] = []
-        self._eof_pending = False
+        # What the agent sent while the host's channel was opening, in order.
+        self._held: list[Callable[[asyncssh.SSHClientChannel[bytes]], object]] = []
+        self._held_signals = 0
         self._ended = False
         self._opener: asyncio.Task[None] | None = None
 
@@ -176,6 +179,7 @@ class AgentSide(asyncssh.SSHServerSession[bytes]):
         assert self._chan is not None
         self._before_open()
         env = passed_env(self._label, self._chan.get_environment_bytes())
+        asked_size = self._pty[1] if self._pty else None
         try:
             peer, _ = await self._upstream.create_session(
                 lambda: UpstreamSide(self),
@@ -200,11 +204,13 @@ class AgentSide(asyncssh.SSHServerSession[bytes]):
             return
         self._peer = peer
         with contextlib.suppress(OSError, asyncssh.Error):
-            for data in self._pending:
-                peer.write(data)
-            if self._eof_pending:
-                peer.write_eof()
-        self._pending.clear()
+            # The terminal's size as it is now (RFC 4254 section 6.7), then what
+            # the agent sent meanwhile, in its order: input, EOF, signals.
+            if self._pty is not None and self._pty[1] != asked_size:
+                peer.change_terminal_size(*self._pty[1])
+            for action in self._held:
+                action(peer)
+        self._held.clear()
         self._widen(self._chan)
         _quietly(self._chan.resume_reading)
 
@@ -222,7 +228,7 @@ class AgentSide(asyncssh.SSHServerSession[bytes]):
         """Relay the agent's input to the host (held until the host's channel is open)."""
         self.stats.bytes_from_client += len(data)
         if self._peer is None:
-            self._pending.append(data)
+            self._held.append(lambda peer: peer.write(data))
             if self._chan is not None:
                 self._chan.pause_reading()  # at most one window is held here
             return
@@ -232,7 +238,7 @@ class AgentSide(asyncssh.SSHServerSession[bytes]):
     def eof_received(self) -> bool:
         """The agent's input ended: pass it on, keep the channel half open for output."""
         if self._peer is None:
-            self._eof_pending = True
+            self._held.append(lambda peer: peer.write_eof())
         else:
             _quietly(self._peer.write_eof)
         return True
@@ -246,10 +252,13 @@ class AgentSide(asyncssh.SSHServerSession[bytes]):
             self._pty = (self._pty[0], (width, height, pixwidth, pixheight), self._pty[2])
 
     def signal_received(self, signal: str) -> None:
-        """A signal for the command (RFC 4254 section 6.9), passed on."""
+        """A signal for the command (RFC 4254 section 6.9), passed on (held until it runs)."""
         if self._peer is not None:
             peer = self._peer
             _quietly(lambda: peer.send_signal(signal))
+        elif self._held_signals < MAX_HELD_SIGNALS:
+            self._held_signals += 1
+            self._held.append(lambda peer: peer.send_signal(signal))
 
     def break_received(self, msec: int) -> bool:
         """A break (RFC 4335), passed on."""
