@@ -213,6 +213,10 @@ async def remote(
     except BaseException:
         closed()
         raise
+    # For a port-0 request the host picked the port: accept() must name that
+    # port in each forwarded-tcpip open (RFC 4254 section 7.2), or the agent's
+    # ssh finds no forward of its own for it and refuses the channel.
+    port = listener.get_port()
     return HostListener(listener, closed)
 
 

@@ -205,7 +205,9 @@ class AgentSide(asyncssh.SSHServerSession[bytes]):
         self._peer = peer
         with contextlib.suppress(OSError, asyncssh.Error):
             # The terminal's size as it is now (RFC 4254 section 6.7), then what
-            # the agent sent meanwhile, in its order: input, EOF, signals.
+            # was taken meanwhile, in its order. Reading is paused after the
+            # first chunk, so later input waits in asyncssh and a signal (not
+            # flow-controlled) can overtake it, as it can after the open.
             if self._pty is not None and self._pty[1] != asked_size:
                 peer.change_terminal_size(*self._pty[1])
             for action in self._held:

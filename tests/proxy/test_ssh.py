@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -352,6 +353,44 @@ async def test_a_connection_that_allows_forwarding_forwards_through_the_host(
     [(_, _, relay)] = await _reports(rig, 1)
     assert relay.bytes_from_client >= len(b"echo:ping\n")
     assert relay.bytes_to_client >= len(b"ping\n")
+
+
+async def test_stock_ssh_forwards_from_a_port_the_host_picks(rig: Rig, tmp_path: Path) -> None:
+    # ssh -R 0:...: the host picks the port, and OpenSSH's client accepts a
+    # forwarded connection only if it names that port (asyncssh's client
+    # would also take one naming port 0, so the stock ssh is the test).
+    echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    echo_port = echo.sockets[0].getsockname()[1]
+    askpass = tmp_path / "askpass"
+    askpass.write_text(f"#!/bin/sh\necho {TOKEN}\n")
+    askpass.chmod(0o700)
+    env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force"}
+    env.pop("SSH_AUTH_SOCK", None)
+    ssh = await asyncio.create_subprocess_exec(
+        *("ssh", "-F", "none", "-p", str(rig.port), "-N", "-R", f"0:127.0.0.1:{echo_port}"),
+        *("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"),
+        *("-o", "PubkeyAuthentication=no", "-o", "IdentityAgent=none"),
+        *("-o", "ExitOnForwardFailure=yes", "box-fwd@127.0.0.1"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert ssh.stderr is not None
+    try:
+        async with echo:
+            allocated = None
+            while allocated is None:
+                line = await asyncio.wait_for(ssh.stderr.readline(), 15)
+                assert line, "ssh ended before its forward was set up"
+                allocated = re.search(rb"Allocated port (\d+) for remote forward", line)
+            reader, writer = await asyncio.open_connection("127.0.0.1", int(allocated[1]))
+            writer.write(b"ping\n")
+            assert await asyncio.wait_for(reader.readline(), 5) == b"echo:ping\n"
+            writer.close()
+    finally:
+        ssh.terminate()
+        await ssh.wait()
 
 
 @pytest.mark.parametrize(
