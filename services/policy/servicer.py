@@ -198,7 +198,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             now=now,
         )
         grant_id = secrets.token_hex(16) if decision.allowed else ""
-        issued_at, expires_at = now, now + decision.ttl_seconds
+        # Whole seconds, as the grant token's iat and exp are (RFC 7519 section
+        # 2, NumericDate, written as integers): the expiry the agent is told,
+        # the audit record, Redis and the proxy's cut are then one instant,
+        # never a fraction of a second apart.
+        issued_at = float(int(now))
+        expires_at = issued_at + decision.ttl_seconds
         retry_after: float | None = None
         grant = None
         if decision.allowed and decision.connection is not None and decision.binding is not None:

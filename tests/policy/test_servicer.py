@@ -153,6 +153,12 @@ async def test_allow_records_the_decision_then_signs_a_one_connection_grant(rig:
     assert record.policy_version == POLICY.version
     assert record.binding.group == "platform"
     assert record.expires_at == decision.expires_at
+    # One instant everywhere: the token's whole-second exp is the expiry told.
+    assert (decision.issued_at.nanos, decision.expires_at.nanos) == (0, 0)
+    assert (claims["iat"], claims["exp"]) == (
+        decision.issued_at.seconds,
+        decision.expires_at.seconds,
+    )
 
 
 async def test_a_denial_is_recorded_and_carries_its_reason(rig: Rig) -> None:
