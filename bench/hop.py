@@ -93,8 +93,12 @@ def stream_load(channel: grpc.aio.Channel) -> Load:
         loop = asyncio.get_running_loop()
 
         async def reader() -> None:
-            while (reply := await stream.read()) is not grpc.aio.EOF:
-                (await waiting.get()).set_result(reply)
+            try:
+                while (reply := await stream.read()) is not grpc.aio.EOF:
+                    (await waiting.get()).set_result(reply)
+            finally:  # a broken stream fails every call still waiting, never hangs it
+                while not waiting.empty():
+                    waiting.get_nowait().set_exception(RuntimeError("the stream ended"))
 
         async def worker() -> None:
             for _ in range(calls // in_flight):
@@ -123,6 +127,7 @@ async def measure(address: str, pki_dir: Path, server_pid: int, calls: int) -> N
     print("| way | in flight | calls/s | client ms CPU | server ms CPU | both |")
     print("|---|---|---|---|---|---|")
     for in_flight in (1, 16):
+        calls -= calls % in_flight  # each of in_flight workers makes calls // in_flight
         for name, load in loads.items():
             client, server, started = time.process_time(), cpu_seconds(server_pid), time.time()
             await load(calls, in_flight)

@@ -64,7 +64,8 @@ def decide(policy: Policy, request: Request, *, now: float) -> Decision:
     if binding is None:
         return Decision(reason_code=NO_BINDING, connection=connection)
     wanted = request.ttl_seconds or binding.max_ttl
-    token_left = int(request.identity.token_expires_at - now)
+    # Whole seconds, as the grant is counted (servicer: issued at int(now)).
+    token_left = int(request.identity.token_expires_at) - int(now)
     ttl = min(wanted, binding.max_ttl, policy.ttl_ceiling, token_left)
     if ttl < MIN_TTL:
         return Decision(reason_code=TOKEN_EXPIRING, binding=binding, connection=connection)
