@@ -176,12 +176,14 @@ def mint(
     alg: str = "RS256",
     kid: str | None = None,
     headers: Mapping[str, Any] | None = None,
+    ascii_only: bool = True,
 ) -> str:
     """Return a compact JWS over claims, signed however a test asks, good or hostile.
 
     key is an RSA key for RS*/PS*, raw bytes for HS* (e.g. an RSA public key's
     PEM, for the key-confusion attack), and None for "none" in any spelling.
     headers are added after alg and kid, so a test can override either.
+    ascii_only=False writes the claims as raw UTF-8, as some IdPs do.
     """
     header: dict[str, Any] = {"alg": alg}
     if kid is not None:
@@ -190,7 +192,7 @@ def mint(
     signing_input = (
         b64url(json.dumps(header, separators=(",", ":")).encode())
         + "."
-        + b64url(json.dumps(dict(claims), separators=(",", ":")).encode())
+        + b64url(json.dumps(dict(claims), separators=(",", ":"), ensure_ascii=ascii_only).encode())
     ).encode()
     family, size = alg[:2].upper(), alg[2:]
     if alg.lower() == "none":

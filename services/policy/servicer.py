@@ -532,7 +532,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             reason=reason,
             bytes_from_client=request.bytes_from_client,
             bytes_to_client=request.bytes_to_client,
-            opened_at=request.opened_at,
+            # A fresh Timestamp, not the request's: fields unknown to this build
+            # would ride along and audit would refuse the record (the edge's
+            # bad input would read as audit being down).
+            opened_at=Timestamp(seconds=request.opened_at.seconds, nanos=request.opened_at.nanos),
         )
         receipt = await self._audit.append(
             audit_pb2.AuditEvent(session_closed=event), timeout=self._deadline(context)

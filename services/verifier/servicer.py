@@ -9,7 +9,7 @@ from jitgate.audit.client import AuditClient
 from jitgate.common import assertion, telemetry, wire
 from jitgate.common.clock import Clock, system_clock
 from jitgate.common.errors import Unauthenticated, Unavailable
-from jitgate.common.jws import Signer
+from jitgate.common.jws import MAX_TOKEN_BYTES, Signer
 from jitgate.common.logs import fingerprint
 from jitgate.common.rpc import ServicerContext
 from jitgate.v1 import audit_pb2, verifier_pb2, verifier_pb2_grpc
@@ -55,6 +55,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         now = self._clock()
         try:
             identity = await self._tokens.authenticate(request.token, now)
+            signed, expires = self._vouch(identity, now)
         except Unauthenticated as exc:
             telemetry.annotate(token_rejected=exc.check)
             VERIFICATIONS.add(1, {"jitgate.outcome": "rejected", "jitgate.reason_code": exc.check})
@@ -62,16 +63,6 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             raise
         telemetry.annotate(subject=identity.subject)
         VERIFICATIONS.add(1, {"jitgate.outcome": "verified"})
-        # A callable signer follows its key file, so each assertion is signed
-        # by the key in force now (keyfiles.WatchedFile).
-        signer = self._signer if isinstance(self._signer, Signer) else self._signer()
-        signed, expires = assertion.sign(
-            signer,
-            identity,
-            trust_domain=self._trust_domain,
-            now=now,
-            lifetime=self._assertion_ttl,
-        )
         log.info(
             "verified token %s: subject %r, client %r, groups %s",
             fingerprint(request.token)[:16],
@@ -84,6 +75,29 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             assertion=signed,
             assertion_expires_at=wire.timestamp(expires),
         )
+
+    def _vouch(self, identity: assertion.Identity, now: float) -> tuple[str, float]:
+        """Return the signed assertion of identity and its expiry, or raise Unauthenticated."""
+        # A callable signer follows its key file, so each assertion is signed
+        # by the key in force now (keyfiles.WatchedFile).
+        signer = self._signer if isinstance(self._signer, Signer) else self._signer()
+        signed, expires = assertion.sign(
+            signer,
+            identity,
+            trust_domain=self._trust_domain,
+            now=now,
+            lifetime=self._assertion_ttl,
+        )
+        # The assertion JSON escapes non-ASCII (up to 12 bytes for a 4-byte
+        # character): an accepted token can vouch for more than the policy
+        # service takes. Refused here, as the token's fault: an UNAVAILABLE
+        # from the policy service would tell the agent to retry for ever.
+        if len(signed) > MAX_TOKEN_BYTES:
+            raise Unauthenticated(
+                "identity_too_large",
+                f"its assertion would be {len(signed)} bytes, over {MAX_TOKEN_BYTES}",
+            )
+        return signed, expires
 
     async def _record_rejection(
         self, request: verifier_pb2.VerifyRequest, exc: Unauthenticated

@@ -90,6 +90,9 @@ REASONS = frozenset(
         "client_id_invalid",
         "azp_invalid",
         "jti_invalid",
+        # Raised by the servicer: the identity, signed as an assertion, would
+        # be larger than the policy service accepts (jws.MAX_TOKEN_BYTES).
+        "identity_too_large",
     }
 )
 """Every reason code a rejection can carry: stable names for logs, audit and alerts."""

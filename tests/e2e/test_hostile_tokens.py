@@ -130,6 +130,14 @@ CASES: dict[str, Build] = {
     "client_id_invalid": _claim(cid=_DROP, client_id=["deploy-bot"]),
     "azp_invalid": _claim(cid=_DROP, azp=False),
     "jti_invalid": _claim(jti=7),
+    # Accepted as a token, but 512 four-byte characters of groups, \u-escaped
+    # in the assertion, make it larger than the policy service takes.
+    "identity_too_large": lambda stack: _raw_payload(
+        json.dumps(
+            _claims(stack, groups=["platform", "\U0001f600" * 256, "\U0001f601" * 256]),
+            ensure_ascii=False,
+        ).encode()
+    )(stack),
 }
 ISSUER_SIDE: dict[str, Build] = {
     # Refused by the issuer before any verifier call: nothing to verify.

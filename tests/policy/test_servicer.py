@@ -823,6 +823,25 @@ async def test_report_session_records_the_end_with_the_ledgers_subject(rig: Rig)
     )
 
 
+async def test_a_reported_time_reaches_audit_without_fields_unknown_to_it(rig: Rig) -> None:
+    # opened_at (field 7) again, holding field 15, which no Timestamp has: the
+    # parser keeps it as an unknown field. Passed on as it came, audit would
+    # refuse the record and the proxy would be told audit is unavailable.
+    grant = await _granted(rig)
+    report = _report(grant)
+    sent = report.SerializeToString() + b"\x3a\x02\x78\x01"
+    async with channel(rig.dev, "proxy", rig.port, "policy") as ch:
+        call = ch.unary_unary(
+            "/jitgate.v1.Policy/ReportSession",
+            request_serializer=lambda b: b,
+            response_deserializer=policy_pb2.SessionReportAck.FromString,
+        )
+        await call(sent, timeout=5)
+    [(_, event)] = rig.audit.events
+    clean = Timestamp(seconds=report.opened_at.seconds, nanos=report.opened_at.nanos)
+    assert event.session_closed.opened_at.SerializeToString() == clean.SerializeToString()
+
+
 async def test_a_session_of_a_revoked_grant_is_still_reported(rig: Rig) -> None:
     # The ledger keeps a revoked grant's record, so its session's end is recorded too.
     grant = await _granted(rig)

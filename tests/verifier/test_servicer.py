@@ -21,7 +21,7 @@ from jitgate.devstack import idp, idp_http, pki
 from jitgate.v1 import audit_pb2, audit_pb2_grpc, types_pb2, verifier_pb2, verifier_pb2_grpc
 from jitgate.verifier.oidc import HttpsGetter, JwksCache
 from jitgate.verifier.servicer import ACL, SERVICE_NAME, VerifierServicer
-from jitgate.verifier.tokens import AccessTokenVerifier
+from jitgate.verifier.tokens import MAX_TOKEN_BYTES, AccessTokenVerifier
 from tests.support import channel, running
 
 from .conftest import NOW, FakeClock
@@ -168,6 +168,22 @@ async def test_every_rejection_looks_the_same_to_the_caller(
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert caught.value.details() == UNAUTHENTICATED_MESSAGE
     assert [e.token_rejected.reason for _, e in stack.audit.records] == [reason]
+
+
+async def test_an_identity_too_large_to_vouch_for_is_a_rejection(
+    dev_pki: pki.DevPki, stack: Stack
+) -> None:
+    # Raw UTF-8 claims: a 3 KB token whose 512 four-byte characters of
+    # groups are 12 bytes each once \u-escaped in the assertion.
+    claims = stack.idp.claims(stack.idp.agents["deploy-bot"], now=NOW, scopes=("jitgate",))
+    groups = ["platform", "\U0001f600" * 256, "\U0001f601" * 256]
+    token = stack.idp.mint({**claims, "groups": groups}, ascii_only=False)
+    assert len(token) < MAX_TOKEN_BYTES
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.verify(dev_pki, token)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert caught.value.details() == UNAUTHENTICATED_MESSAGE
+    assert [e.token_rejected.reason for _, e in stack.audit.records] == ["identity_too_large"]
 
 
 async def test_time_is_the_servers_clock(dev_pki: pki.DevPki, stack: Stack) -> None:
