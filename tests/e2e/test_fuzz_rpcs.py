@@ -18,8 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from google.protobuf import descriptor, message_factory
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
@@ -184,7 +183,7 @@ class Real:
             "groups": ["platform"],
             **changes,
         }
-        return _signed(self.idp_key, self.idp_kid, claims, ascii_only=ascii_only)
+        return idp.mint(claims, key=self.idp_key, kid=self.idp_kid, ascii_only=ascii_only)
 
     def strings(self) -> tuple[str, ...]:
         """Strings a field might plausibly hold: the real ones, and names from the demo."""
@@ -237,14 +236,6 @@ def _real(stack: Stack, channels: Channels) -> Real:
         idp_kid=idp.rsa_key_id(key.public_key()),
         oidc_issuer=stack.oidc_issuer,
     )
-
-
-def _signed(key: rsa.RSAPrivateKey, kid: str, claims: dict[str, Any], *, ascii_only: bool) -> str:
-    """A compact RS256 JWS over claims, as JSON with \\u escapes or as raw UTF-8."""
-    header = _b64(json.dumps({"alg": "RS256", "kid": kid}).encode())
-    payload = _b64(json.dumps(claims, ensure_ascii=ascii_only, separators=(",", ":")).encode())
-    signature = key.sign(f"{header}.{payload}".encode(), padding.PKCS1v15(), hashes.SHA256())
-    return f"{header}.{payload}.{_b64(signature)}"
 
 
 def _request_grant(channels: Channels, token: str) -> issuer_pb2.Grant:

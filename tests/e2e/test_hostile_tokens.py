@@ -60,9 +60,11 @@ def _claim(**changes: object) -> Build:
     return lambda stack: _signed(stack, _claims(stack, **changes))
 
 
-def _signed(stack: Stack, claims: dict[str, object], **headers: object) -> str:
+def _signed(
+    stack: Stack, claims: dict[str, object], *, ascii_only: bool = True, **headers: object
+) -> str:
     key = idp.load_or_create_key(stack.state / "idp")
-    return idp.mint(claims, key=key, kid=_kid(stack), headers=headers)
+    return idp.mint(claims, key=key, kid=_kid(stack), headers=headers, ascii_only=ascii_only)
 
 
 def _header(**headers: object) -> Build:
@@ -132,12 +134,11 @@ CASES: dict[str, Build] = {
     "jti_invalid": _claim(jti=7),
     # Accepted as a token, but 512 four-byte characters of groups, \u-escaped
     # in the assertion, make it larger than the policy service takes.
-    "identity_too_large": lambda stack: _raw_payload(
-        json.dumps(
-            _claims(stack, groups=["platform", "\U0001f600" * 256, "\U0001f601" * 256]),
-            ensure_ascii=False,
-        ).encode()
-    )(stack),
+    "identity_too_large": lambda stack: _signed(
+        stack,
+        _claims(stack, groups=["platform", "\U0001f600" * 256, "\U0001f601" * 256]),
+        ascii_only=False,
+    ),
 }
 ISSUER_SIDE: dict[str, Build] = {
     # Refused by the issuer before any verifier call: nothing to verify.
