@@ -20,20 +20,14 @@ from dataclasses import dataclass, field
 from opentelemetry import trace
 
 from jitgate.common import telemetry
-from jitgate.common.errors import (
-    InvalidArgument,
-    JitgateError,
-    NotFound,
-    PermissionDenied,
-    Unauthenticated,
-    Unavailable,
-)
-from jitgate.proxy.gate import Gate, Lease
-from jitgate.proxy.session import DENIALS, Redeemed, Relay
+from jitgate.common.errors import JitgateError
+from jitgate.proxy.gate import Gate, Lease, refusal
+from jitgate.proxy.session import Redeemed, Relay
 
 log = logging.getLogger(__name__)
 
 KIND = "kubernetes"
+UNAVAILABLE = "jitgate cannot redeem grants right now; retry"
 
 
 class Refused(Exception):
@@ -173,26 +167,28 @@ class Grants:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+_LOGGED = {
+    "rejected": "grant token rejected",
+    "refused": "grant refused",
+    "unavailable": "failing closed",
+    "failed": "redemption failed",
+}
+
+
 def _refusal(exc: BaseException, session_id: str, client: str) -> Refused:
     """What the agent is told when a grant cannot be redeemed; the log says more."""
-    if isinstance(exc, (Unauthenticated, InvalidArgument, NotFound)):
-        # The reason (expired, signature, format, …) is the operator's, as for
-        # SSH; the agent learns only whether asking for a new grant would help.
-        log.info("session %s from %s: grant token rejected: %s", session_id, client, exc)
-        expired = isinstance(exc, Unauthenticated) and exc.check == "expired"
-        return Refused(401, DENIALS["GRANT_EXPIRED" if expired else "GRANT_INVALID"])
-    if isinstance(exc, PermissionDenied):
-        # Wrong connection or kind, revoked, not live: the message says which, never a token.
-        log.info("session %s from %s: grant refused: %s", session_id, client, exc)
-        code = 403 if exc.reason == "WRONG_CONNECTION" else 401
-        return Refused(code, DENIALS.get(exc.reason, "grant refused"))
-    if isinstance(exc, Unavailable):
-        log.warning("session %s from %s: failing closed: %s", session_id, client, exc)
-    elif isinstance(exc, JitgateError):
-        log.warning("session %s from %s: redemption failed: %s", session_id, client, exc)
-    else:
+    if not isinstance(exc, JitgateError):
         log.error("session %s from %s: redemption failed", session_id, client, exc_info=exc)
-    return Refused(503, "jitgate cannot redeem grants right now; retry")
+        return Refused(503, UNAVAILABLE)
+    denied = refusal(exc)
+    log.log(
+        denied.level, "session %s from %s: %s: %s", session_id, client, _LOGGED[denied.outcome], exc
+    )
+    if denied.outcome == "rejected":
+        return Refused(401, denied.message)
+    if denied.outcome == "refused":
+        return Refused(403 if denied.reason == "WRONG_CONNECTION" else 401, denied.message)
+    return Refused(503, UNAVAILABLE)
 
 
 def ended(reason: str) -> str:

@@ -30,25 +30,28 @@ from opentelemetry import trace
 from jitgate.common import telemetry
 from jitgate.common.errors import (
     ConfigError,
-    InvalidArgument,
     JitgateError,
-    NotFound,
-    PermissionDenied,
     Unauthenticated,
-    Unavailable,
 )
 from jitgate.common.jws import MAX_TOKEN_BYTES
 from jitgate.proxy import sshagent, sshforward, sshrelay
 from jitgate.proxy.caps import Tally, Throttle
 from jitgate.proxy.config import SshTarget
-from jitgate.proxy.gate import Gate, Lease
-from jitgate.proxy.session import DENIALS, HANDSHAKE_TIMEOUT, Redeemed, Relay
+from jitgate.proxy.gate import Gate, Lease, refusal
+from jitgate.proxy.session import HANDSHAKE_TIMEOUT, Redeemed, Relay
 from jitgate.proxy.sshforward import Slots, Tunnel
 from jitgate.proxy.sshrelay import AgentSide
 
 log = logging.getLogger(__name__)
 
 KIND = "ssh"
+_LOGGED = {
+    "rejected": "grant token rejected: ",
+    "refused": "",
+    "unavailable": "failing closed: ",
+    "failed": "refused: ",
+}
+"""How the operator's log line introduces each outcome of gate.refusal."""
 DEFAULT_LISTEN = "127.0.0.1:2222"
 UPSTREAM_TIMEOUT = 5.0
 """Seconds to reach the host and log in; inside the agent's own login time (HANDSHAKE_TIMEOUT)."""
@@ -433,30 +436,17 @@ class AgentConnection(asyncssh.SSHServer):
                 return None
             self._grant = claims.grant_id
             redeemed = await gate.redeem(token, target.name, self.session_id, self._client)
-        except (Unauthenticated, InvalidArgument, NotFound) as exc:
-            # An expired token is worth telling apart: the agent should ask again.
-            expired = isinstance(exc, Unauthenticated) and exc.check == "expired"
-            self._refuse(DENIALS["GRANT_EXPIRED" if expired else "GRANT_INVALID"])
-            log.info(
-                "ssh session %s from %s: grant token rejected: %s",
+        except JitgateError as exc:
+            denied = refusal(exc)
+            self._refuse(denied.message)
+            log.log(
+                denied.level,
+                "ssh session %s from %s: %s%s",
                 self.session_id,
                 self._client,
+                _LOGGED[denied.outcome],
                 exc,
             )
-            return None
-        except PermissionDenied as exc:
-            self._refuse(DENIALS.get(exc.reason, "grant refused"))
-            log.info("ssh session %s from %s: %s", self.session_id, self._client, exc)
-            return None
-        except Unavailable as exc:
-            self._refuse("cannot redeem grants right now; retry")
-            log.warning(
-                "ssh session %s from %s: failing closed: %s", self.session_id, self._client, exc
-            )
-            return None
-        except JitgateError as exc:
-            self._refuse("grant refused")
-            log.warning("ssh session %s from %s: refused: %s", self.session_id, self._client, exc)
             return None
         log.info(
             "ssh session %s: %s on %s until %s (grant %s; admitted in %.1f ms)",
