@@ -34,13 +34,14 @@ from jitgate.common.errors import (
     Unauthenticated,
 )
 from jitgate.common.jws import MAX_TOKEN_BYTES
-from jitgate.proxy import sshagent, sshforward, sshrelay
+from jitgate.proxy import sshagent, sshforward, sshrelay, sshupstream
 from jitgate.proxy.caps import Tally, Throttle
 from jitgate.proxy.config import SshTarget
 from jitgate.proxy.gate import Gate, Lease, refusal
 from jitgate.proxy.session import HANDSHAKE_TIMEOUT, Redeemed, Relay
 from jitgate.proxy.sshforward import Slots, Tunnel
 from jitgate.proxy.sshrelay import AgentSide
+from jitgate.proxy.sshupstream import HostKeys
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ _LOGGED = {
 }
 """How the operator's log line introduces each outcome of gate.refusal."""
 DEFAULT_LISTEN = "127.0.0.1:2222"
-UPSTREAM_TIMEOUT = 5.0
-"""Seconds to reach the host and log in; inside the agent's own login time (HANDSHAKE_TIMEOUT)."""
 CLOSE_GRACE = 1.0
 """Seconds an ended session's agent gets to read why and leave before the proxy disconnects it."""
 MAX_SESSIONS = 10
@@ -86,52 +85,6 @@ class Limits:
     max_per_grant: int = MAX_PER_GRANT
 
 
-class _Key:
-    """A target's parsed keys: the proxy's private key and the host's pinned public key."""
-
-    def __init__(self, target: SshTarget) -> None:
-        """Parse target's keys; a ConfigError names the connection, never the key."""
-        try:
-            self.client = asyncssh.import_private_key(target.private_key)
-        except (asyncssh.KeyImportError, ValueError):
-            # Name the connection, never the key's content.
-            raise ConfigError(
-                f"connections.{target.name}.key_file: not an unencrypted OpenSSH private key"
-            ) from None
-        try:
-            self.host = asyncssh.import_public_key(target.host_key)
-        except (asyncssh.KeyImportError, ValueError):
-            raise ConfigError(f"connections.{target.name}.host_key: not a public key") from None
-
-
-async def connect_upstream(
-    target: SshTarget, key: _Key, agent_path: Path | None = None
-) -> asyncssh.SSHClientConnection:
-    """Log in to target as its user with the proxy's key; any host key but the pinned one fails.
-
-    With agent_path, the host's agent requests go to the socket there (the agent's own).
-    """
-    return await asyncssh.connect(
-        target.host,
-        target.port,
-        username=target.user,
-        client_keys=[key.client],
-        # Exactly the pinned key, no trust on first use, no CA, no revocation
-        # list to consult: (trusted host keys, trusted CA keys, revoked keys).
-        known_hosts=([key.host], [], []),
-        # Nothing of the proxy's own account: no ~/.ssh/config, agent or certs.
-        config=None,
-        agent_path=None,
-        x509_trusted_certs=None,
-        gss_auth=False,
-        gss_kex=False,
-        preferred_auth="publickey",
-        agent_forwarding=str(agent_path) if agent_path is not None else False,
-        connect_timeout=UPSTREAM_TIMEOUT,
-        login_timeout=UPSTREAM_TIMEOUT,
-    )
-
-
 class SshFrontend:
     """The SSH listener: one AgentConnection per agent, all in the Gate's registry."""
 
@@ -151,7 +104,7 @@ class SshFrontend:
         self.limits = limits or Limits()
         self.gate = gate
         self.targets = dict(targets)
-        self.keys = {name: _Key(target) for name, target in self.targets.items()}
+        self.keys = {name: HostKeys(target) for name, target in self.targets.items()}
         self._host_key_path = host_key
         self._listen = listen
         self._acceptor: asyncssh.SSHAcceptor | None = None
@@ -473,7 +426,7 @@ class AgentConnection(asyncssh.SSHServer):
                 self._agent_link = sshagent.AgentLink(self._frontend.workdir)
             agent_path = self._agent_link.path if self._agent_link else None
             try:
-                upstream = await connect_upstream(
+                upstream = await sshupstream.connect(
                     target, self._frontend.keys[target.name], agent_path
                 )
             except (OSError, asyncssh.Error, TimeoutError) as exc:
