@@ -69,6 +69,7 @@ bench-audit: $(STAMP)
 
 # The PostgreSQL proxy beside a direct TLS connection (and PgBouncer, if installed).
 bench-proxy: $(STAMP)
+	@scripts/system-tools bench
 	$(BIN)/python bench/proxy.py
 
 # SIGKILL the audit process under load 100 times; fails if an acknowledged append is lost.
