@@ -66,7 +66,7 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
     """Accepts "good:<subject>" tokens.
 
     "down" plays an unreachable IdP, "stall" a verifier that never answers,
-    "expiring:<subject>" a token with half a second left, and "rogue:<subject>"
+    "expiring:<subject>" a token that expires within the current second, and "rogue:<subject>"
     an assertion signed with a key the policy service does not trust.
     """
 
@@ -85,12 +85,15 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
         if kind not in ("good", "expiring", "rogue") or not subject:
             raise Unauthenticated("signature")
         key = Ed25519PrivateKey.generate() if kind == "rogue" else VERIFIER_KEY
-        lifetime = 0.5 if kind == "expiring" else 3600
+        # Grants count whole seconds (policy.decide), so "expiring" must end within
+        # this second: half a second left can round up to one whole second.
+        now = time.time()
+        expires_at = float(int(now)) if kind == "expiring" else now + 3600
         identity = assertion.Identity(
             subject=subject,
             client_id=subject,
             groups=("platform",),
-            token_expires_at=time.time() + lifetime,
+            token_expires_at=expires_at,
             issuer="https://idp",
         )
         token, _ = assertion.sign(
