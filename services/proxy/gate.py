@@ -16,16 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from jitgate.common.errors import (
-    InvalidArgument,
-    JitgateError,
-    NotFound,
-    PermissionDenied,
-    Unauthenticated,
-    Unavailable,
-)
 from jitgate.proxy.grantcheck import Claims
-from jitgate.proxy.session import DENIALS, LIVE, Redeemed, Registry, Relay, record_end
+from jitgate.proxy.session import LIVE, Redeemed, Registry, Relay, record_end
 
 log = logging.getLogger(__name__)
 
@@ -62,42 +54,6 @@ class Lease:
             except Exception:  # one front end's failure must not keep another open
                 log.exception("ending a session after its grant was %s", reason)
         self._callbacks.clear()
-
-
-@dataclass(frozen=True, kw_only=True)
-class Refusal:
-    """Why a grant was not admitted: what the agent is told, and how loudly to log it."""
-
-    outcome: str
-    """"rejected" (the token), "refused" (by policy), "unavailable" or "failed"."""
-    message: str
-    """For the agent: whether asking again could help, never the token or the failed check."""
-    reason: str = ""
-    """The policy's reason code, when refused."""
-    level: int = logging.INFO
-    """The operator's log level: a warning when jitgate, not the grant, is at fault."""
-
-
-def refusal(exc: JitgateError) -> Refusal:
-    """How a failed check or redemption is put to the agent (the SSH and Kubernetes front ends)."""
-    if isinstance(exc, Unauthenticated | InvalidArgument | NotFound):
-        # The reason (expired, signature, format, …) is the operator's; the
-        # agent learns only whether asking for a new grant would help.
-        expired = isinstance(exc, Unauthenticated) and exc.check == "expired"
-        return Refusal(
-            outcome="rejected", message=DENIALS["GRANT_EXPIRED" if expired else "GRANT_INVALID"]
-        )
-    if isinstance(exc, PermissionDenied):
-        # Wrong connection or kind, revoked, not live: the message says which.
-        message = DENIALS.get(exc.reason, "grant refused")
-        return Refusal(outcome="refused", message=message, reason=exc.reason)
-    if isinstance(exc, Unavailable):
-        return Refusal(
-            outcome="unavailable",
-            message="cannot redeem grants right now; retry",
-            level=logging.WARNING,
-        )
-    return Refusal(outcome="failed", message="grant refused", level=logging.WARNING)
 
 
 class Check(Protocol):

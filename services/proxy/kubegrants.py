@@ -21,7 +21,8 @@ from opentelemetry import trace
 
 from jitgate.common import telemetry
 from jitgate.common.errors import JitgateError
-from jitgate.proxy.gate import Gate, Lease, refusal
+from jitgate.proxy.gate import Gate, Lease
+from jitgate.proxy.refusals import refusal
 from jitgate.proxy.session import Redeemed, Relay
 
 log = logging.getLogger(__name__)
@@ -167,23 +168,13 @@ class Grants:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-_LOGGED = {
-    "rejected": "grant token rejected",
-    "refused": "grant refused",
-    "unavailable": "failing closed",
-    "failed": "redemption failed",
-}
-
-
 def _refusal(exc: BaseException, session_id: str, client: str) -> Refused:
     """What the agent is told when a grant cannot be redeemed; the log says more."""
     if not isinstance(exc, JitgateError):
         log.error("session %s from %s: redemption failed", session_id, client, exc_info=exc)
         return Refused(503, UNAVAILABLE)
     denied = refusal(exc)
-    log.log(
-        denied.level, "session %s from %s: %s: %s", session_id, client, _LOGGED[denied.outcome], exc
-    )
+    log.log(denied.level, "session %s from %s: %s: %s", session_id, client, denied.logged, exc)
     if denied.outcome == "rejected":
         return Refused(401, denied.message)
     if denied.outcome == "refused":

@@ -18,15 +18,11 @@ from opentelemetry import trace
 
 from jitgate.common import telemetry
 from jitgate.common.errors import (
-    InvalidArgument,
     JitgateError,
-    NotFound,
-    PermissionDenied,
-    Unauthenticated,
-    Unavailable,
 )
 from jitgate.proxy import pgwire
 from jitgate.proxy.grantcheck import Claims
+from jitgate.proxy.refusals import refusal
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +48,13 @@ ADMIN_SHUTDOWN = "57P01"
 CANNOT_CONNECT = "08006"
 PROTOCOL_VIOLATION = "08P01"
 TOO_MANY = "53300"
-
-DENIALS = {
-    "GRANT_REVOKED": "this grant was revoked",
-    "GRANT_EXPIRED": "this grant has expired or is not live",
-    "WRONG_CONNECTION": "this grant is for another connection",
-    "GRANT_INVALID": "this grant is not valid",
+_SQLSTATES = {
+    "rejected": INVALID_PASSWORD,
+    "refused": INVALID_AUTHORIZATION,
+    "unavailable": CANNOT_CONNECT,
+    "failed": CANNOT_CONNECT,
 }
+"""The SQLSTATE for each outcome of refusals.refusal."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,17 +320,17 @@ class Session:
             marks.append(time.perf_counter())
             redeemed = await self.hooks.redeem(token, connection, self.session_id, client)
             marks.append(time.perf_counter())
-        except (Unauthenticated, InvalidArgument, NotFound):
-            await self._refuse(INVALID_PASSWORD, "the grant token is not valid")
-            log.info("session %s from %s: grant token rejected", self.session_id, client)
-            return None
-        except PermissionDenied as exc:
-            await self._refuse(INVALID_AUTHORIZATION, DENIALS.get(exc.reason, "grant refused"))
-            log.info("session %s from %s: %s", self.session_id, client, exc.reason)
-            return None
-        except Unavailable as exc:
-            await self._refuse(CANNOT_CONNECT, "jitgate cannot redeem grants right now; retry")
-            log.warning("session %s from %s: failing closed: %s", self.session_id, client, exc)
+        except JitgateError as exc:
+            denied = refusal(exc)
+            await self._refuse(_SQLSTATES[denied.outcome], f"jitgate: {denied.message}")
+            log.log(
+                denied.level,
+                "session %s from %s: %s: %s",
+                self.session_id,
+                client,
+                denied.logged,
+                exc,
+            )
             return None
         try:
             upstream = await self.hooks.open_upstream(connection, redeemed.subject)

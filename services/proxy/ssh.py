@@ -37,7 +37,8 @@ from jitgate.common.jws import MAX_TOKEN_BYTES
 from jitgate.proxy import sshagent, sshforward, sshrelay, sshupstream
 from jitgate.proxy.caps import Tally, Throttle
 from jitgate.proxy.config import SshTarget
-from jitgate.proxy.gate import Gate, Lease, refusal
+from jitgate.proxy.gate import Gate, Lease
+from jitgate.proxy.refusals import refusal
 from jitgate.proxy.session import HANDSHAKE_TIMEOUT, Redeemed, Relay
 from jitgate.proxy.sshforward import Slots, Tunnel
 from jitgate.proxy.sshrelay import AgentSide
@@ -46,13 +47,6 @@ from jitgate.proxy.sshupstream import HostKeys
 log = logging.getLogger(__name__)
 
 KIND = "ssh"
-_LOGGED = {
-    "rejected": "grant token rejected: ",
-    "refused": "",
-    "unavailable": "failing closed: ",
-    "failed": "refused: ",
-}
-"""How the operator's log line introduces each outcome of gate.refusal."""
 DEFAULT_LISTEN = "127.0.0.1:2222"
 CLOSE_GRACE = 1.0
 """Seconds an ended session's agent gets to read why and leave before the proxy disconnects it."""
@@ -394,10 +388,10 @@ class AgentConnection(asyncssh.SSHServer):
             self._refuse(denied.message)
             log.log(
                 denied.level,
-                "ssh session %s from %s: %s%s",
+                "ssh session %s from %s: %s: %s",
                 self.session_id,
                 self._client,
-                _LOGGED[denied.outcome],
+                denied.logged,
                 exc,
             )
             return None

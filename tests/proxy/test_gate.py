@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 import pytest
 
 from jitgate.common.errors import (
-    JitgateError,
-    NotFound,
     PermissionDenied,
-    Unauthenticated,
-    Unavailable,
 )
-from jitgate.proxy.gate import Gate, Lease, refusal
+from jitgate.proxy.gate import Gate, Lease
 from jitgate.proxy.grantcheck import Claims
 from jitgate.proxy.session import Redeemed, Registry, Relay
 
@@ -87,33 +82,3 @@ def test_a_lease_ends_once_and_late_callbacks_run_at_once() -> None:
     lease.on_end(seen.append)
     assert seen == ["revoked", "revoked"]
     assert lease.reason == "revoked"
-
-
-@pytest.mark.parametrize(
-    ("exc", "outcome", "message", "level"),
-    [
-        (
-            Unauthenticated("expired", "exp 1"),
-            "rejected",
-            "this grant has expired or is not live",
-            logging.INFO,
-        ),
-        (Unauthenticated("signature", "bad"), "rejected", "this grant is not valid", logging.INFO),
-        (NotFound("grant"), "rejected", "this grant is not valid", logging.INFO),
-        (PermissionDenied("GRANT_REVOKED", "x"), "refused", "this grant was revoked", logging.INFO),
-        (PermissionDenied("ODD", "x"), "refused", "grant refused", logging.INFO),
-        (
-            Unavailable("redis", "down"),
-            "unavailable",
-            "cannot redeem grants right now; retry",
-            logging.WARNING,
-        ),
-        (JitgateError("?"), "failed", "grant refused", logging.WARNING),
-    ],
-)
-def test_a_refusal_tells_the_agent_only_whether_asking_again_helps(
-    exc: JitgateError, outcome: str, message: str, level: int
-) -> None:
-    denied = refusal(exc)
-    assert (denied.outcome, denied.message, denied.level) == (outcome, message, level)
-    assert str(exc) not in denied.message  # never the failed check or its detail

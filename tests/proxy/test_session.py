@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from jitgate.common import grants
-from jitgate.common.errors import PermissionDenied, Unauthenticated
+from jitgate.common.errors import PermissionDenied, Unauthenticated, Unavailable
 from jitgate.common.grants import REVOCATION_CHANNEL
 from jitgate.devstack import pki
 from jitgate.devstack.redis_server import RedisServer
@@ -70,6 +70,12 @@ async def rig(
         assert kind == "postgres"
         if token == "other":
             raise PermissionDenied("WRONG_CONNECTION", "another connection")
+        if token == "revoked":
+            raise PermissionDenied("GRANT_REVOKED", "revoked at 12:00")
+        if token == "expired":
+            raise Unauthenticated("expired", "exp 1 <= now 2")
+        if token == "down":
+            raise Unavailable("redis", "connection refused")
         if token != TOKEN:
             raise Unauthenticated("signature", "bad")
         return Claims(
@@ -147,18 +153,36 @@ async def test_a_client_without_tls_is_refused_before_any_password(rig: Rig) -> 
 
 
 @pytest.mark.parametrize(
-    ("password", "dbname", "message"),
+    ("password", "dbname", "sqlstate", "message", "logged"),
     [
-        ("forged", "orders", "grant token is not valid"),
-        ("other", "orders", "grant is for another connection"),
-        (TOKEN, "nowhere", "no connection named"),
+        ("forged", "orders", "28P01", "this grant is not valid", "rejected: signature: bad"),
+        ("expired", "orders", "28P01", "this grant has expired", "rejected: expired: exp 1"),
+        ("other", "orders", "28000", "this grant is for another connection", "WRONG_CONNECTION"),
+        ("revoked", "orders", "28000", "this grant was revoked", "refused: GRANT_REVOKED"),
+        ("down", "orders", "08006", "cannot redeem grants right now; retry", "failing closed"),
+        (TOKEN, "nowhere", "28000", "no connection named", ""),
     ],
 )
 async def test_bad_grants_get_an_error_response(
-    rig: Rig, password: str, dbname: str, message: str
+    rig: Rig,
+    caplog: pytest.LogCaptureFixture,
+    password: str,
+    dbname: str,
+    sqlstate: str,
+    message: str,
+    logged: str,
 ) -> None:
+    # The agent learns whether asking again helps; the operator's log has the failed check.
+    caplog.set_level(logging.INFO, logger="jitgate.proxy.session")
     with pytest.raises(psycopg.OperationalError, match=message):
         await _connect(rig, dbname, password=password)
+    fields = await _refusal(rig.port, password, dbname)
+    assert (fields["S"], fields["C"]) == ("FATAL", sqlstate)
+    assert message in fields["M"]
+    assert "exp 1" not in fields["M"]
+    assert "signature" not in fields["M"]
+    assert logged in caplog.text
+    assert not rig.reports  # nothing was redeemed, so there is no session to report
 
 
 async def test_a_revoked_grant_ends_its_session_within_a_second(rig: Rig) -> None:
@@ -199,8 +223,10 @@ async def test_writes_fail_on_a_read_only_connection(rig: Rig) -> None:
             await conn.execute("INSERT INTO items VALUES (2)")
 
 
-async def _tls_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A raw protocol client, past TLS and the start-up, asked for its password."""
+async def _started(
+    port: int, database: str = "orders"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw protocol client that has sent its start-up message over TLS."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(struct.pack("!ii", 8, pgwire.SSL_REQUEST))
     assert await reader.readexactly(1) == b"S"
@@ -208,10 +234,30 @@ async def _tls_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWr
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     await writer.start_tls(context)
-    body = b"user\x00agent\x00database\x00orders\x00\x00"
+    body = b"user\x00agent\x00database\x00" + database.encode() + b"\x00\x00"
     writer.write(struct.pack("!ii", len(body) + 8, pgwire.PROTOCOL_3) + body)
+    return reader, writer
+
+
+async def _tls_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw protocol client, past TLS and the start-up, asked for its password."""
+    reader, writer = await _started(port)
     assert await reader.readexactly(9) == pgwire.authentication(pgwire.AUTH_CLEARTEXT)
     return reader, writer
+
+
+async def _refusal(port: int, token: str, database: str) -> dict[str, str]:
+    """The fields of the ErrorResponse an agent gets (PostgreSQL docs, "Error Message Fields")."""
+    reader, writer = await _started(port, database)
+    kind, body = await pgwire.read_message(reader, 1 << 16)
+    if kind == b"R":  # asked for the password: the grant token
+        writer.write(pgwire.message(b"p", token.encode() + b"\x00"))
+        await writer.drain()
+        kind, body = await pgwire.read_message(reader, 1 << 16)
+    assert await reader.read() == b""  # the proxy closes after the refusal
+    writer.close()
+    assert kind == b"E"
+    return {f[:1].decode(): f[1:].decode() for f in body.rstrip(b"\x00").split(b"\x00")}
 
 
 async def _raw_session(port: int, caplog: pytest.LogCaptureFixture) -> bytes:
