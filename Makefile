@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: tools demo test check lint typecheck unit protos up bench bench-grant-path bench-verifier bench-audit bench-audit-crash bench-proxy bench-grants bench-hop bench-soak bench-faults interop clean
+.PHONY: tools demo test check lint typecheck unit protos up bench bench-grant-path bench-verifier bench-audit bench-audit-crash bench-proxy bench-grants bench-hop bench-wsframes bench-soak bench-faults interop clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,7 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 # Every benchmark; results go in bench/RESULTS.md.
-bench: bench-grants bench-hop bench-grant-path bench-verifier bench-audit bench-proxy
+bench: bench-grants bench-hop bench-grant-path bench-verifier bench-audit bench-proxy bench-wsframes
 
 # RequestGrant at saturation and at fixed rates, beside a no-op chain of the same hops.
 bench-grants: $(STAMP)
@@ -71,6 +71,10 @@ bench-audit: $(STAMP)
 bench-proxy: $(STAMP)
 	@scripts/system-tools bench
 	$(BIN)/python bench/proxy.py
+
+# The Kubernetes front end's WebSocket re-cut beside the TLS the relay does anyway.
+bench-wsframes: $(STAMP)
+	$(BIN)/python bench/wsframes.py
 
 # SIGKILL the audit process under load 100 times; fails if an acknowledged append is lost.
 bench-audit-crash: $(STAMP)

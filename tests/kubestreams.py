@@ -15,6 +15,11 @@ answers, plus
   per port, each opened with the port as 2 bytes little-endian; what
   arrives on a data channel is echoed back on it.
 
+Data that begins with HALF (on stdin, or a port-forward data channel) is
+echoed in a frame of which only the first half is ever sent: the stream
+stays mid-frame, as when a long output is on its way, and nothing more is
+sent on it.
+
 It never runs a container or opens a port: it answers as one would, and
 records the bytes that reached it, so a test can tell they crossed the
 proxy. SPDY (kubectl's fallback, and its port-forward tunnel) is not spoken.
@@ -48,6 +53,8 @@ WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 ATTACH = "v5.channel.k8s.io"
 PORT_FORWARD = ("v4.channel.k8s.io", "portforward.k8s.io")
 """The port-forward subprotocols answered, in order of preference."""
+HALF = b"half a frame:"
+"""Data that the test API server echoes in a frame it never finishes."""
 STDIN, STDOUT, ERROR, CLOSE = 0, 1, 3, 255
 """Channels of the v5 remote command protocol (CLOSE: v5's close signal)."""
 CONTINUATION, TEXT, BINARY, CLOSE_FRAME, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -99,6 +106,8 @@ class KubeStreams(KubeApi):
     arrived: list[tuple[str, bytes]] = field(default_factory=list)
     """Bytes that reached it on a stream: ("attach <pod>" or "portforward <pod>:<port>", data)."""
     streams_open: int = 0
+    extension: str = ""
+    """If set, a Sec-WebSocket-Extensions the 101 names though nobody asked (RFC 6455 §9.1)."""
     _streams: threading.Condition = field(default_factory=threading.Condition)
     _sockets: set[socket.socket] = field(default_factory=set)
 
@@ -226,6 +235,8 @@ class _StreamHandler(_Handler):
         self.send_header("Connection", "Upgrade")
         self.send_header("Sec-WebSocket-Accept", accept_key(key))
         self.send_header("Sec-WebSocket-Protocol", chosen)
+        if api.extension:
+            self.send_header("Sec-WebSocket-Extensions", api.extension)
         self.end_headers()
         self.wfile.flush()
         self.close_connection = True
@@ -278,9 +289,19 @@ class _StreamHandler(_Handler):
         except (EOFError, OSError, ssl.SSLError):
             return None
 
+    stalled = False
+    """A frame was left half sent: nothing more may be sent on this stream."""
+
     def _send(self, opcode: int, payload: bytes) -> None:
-        """One unmasked frame from the server (RFC 6455 §5.1), flushed."""
-        self.wfile.write(frame(opcode, payload))
+        """One unmasked frame from the server (RFC 6455 §5.1), flushed; half of it for HALF."""
+        if self.stalled:
+            return
+        whole = frame(opcode, payload)
+        if payload[1:].startswith(HALF):  # after the channel byte
+            self.stalled = True
+            # The head announces twice the payload; only the payload follows.
+            whole = frame(opcode, payload + b"." * len(payload))[: -len(payload)]
+        self.wfile.write(whole)
         self.wfile.flush()
 
     def _attach(self, label: str) -> None:
@@ -334,6 +355,8 @@ class PortForward:
     """Port by channel, as the server announced them."""
     pending: bytes = b""
     """Bytes read past the 101 with its head: the first frames."""
+    partial: bytes = b""
+    """A message's fragments that came before a control frame interrupted it."""
 
     @classmethod
     async def open(
@@ -397,8 +420,8 @@ class PortForward:
             return held
         return held + await self.reader.readexactly(size - len(held))
 
-    async def message(self) -> tuple[int, bytes]:
-        """The server's next message (opcode, payload); IncompleteReadError if the stream ends."""
+    async def frame(self) -> tuple[int, bool, bytes]:
+        """The server's next frame (opcode, FIN, payload); IncompleteReadError at the end."""
         first, second = await self._read(2)
         size = second & 0x7F
         if size == 126:
@@ -406,8 +429,26 @@ class PortForward:
         elif size == 127:
             size = int.from_bytes(await self._read(8), "big")
         assert not second & 0x80, "RFC 6455 §5.1: a server never masks its frames"
-        assert first & 0x80, "the test API server sends whole messages"
-        return first & 0x0F, await self._read(size)
+        return first & 0x0F, bool(first & 0x80), await self._read(size)
+
+    async def message(self) -> tuple[int, bytes]:
+        """The server's next message (opcode, payload), its fragments joined (RFC 6455 §5.4).
+
+        A control frame between fragments is returned at once, as it comes;
+        the fragments read so far are then in `partial`.
+        """
+        opcode, payload = -1, b""
+        while True:
+            kind, fin, data = await self.frame()
+            if kind & 0x8:
+                self.partial = payload
+                return kind, data
+            assert (kind == CONTINUATION) == (opcode != -1), "RFC 6455 §5.4: fragments in order"
+            opcode = kind if opcode == -1 else opcode
+            payload += data
+            if fin:
+                self.partial = b""
+                return opcode, payload
 
     async def handshake(self, count: int) -> None:
         """Read the ports the server opens each of count ports' two channels with."""

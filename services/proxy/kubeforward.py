@@ -71,8 +71,8 @@ class Forward:
         """What the agent got so far ends between two watch events."""
         self.answered = False
         """The agent has the response's head (or the 101): no Status of ours can follow."""
-        self.frames: wsframes.Frames | None = None
-        """For a WebSocket stream: where the API server's frames end."""
+        self.frames: wsframes.Reframer | None = None
+        """For a WebSocket stream: the API server's frames, re-cut as they arrive."""
         self.status_channel = False
         """The stream is exec or attach, whose channel 3 carries the final Status."""
 
@@ -83,16 +83,18 @@ class Forward:
             with contextlib.suppress(Exception):
                 self.upstream.transport.abort()
         agent = self.agent.writer.transport
-        if self.frames is not None and self.frames.at_boundary and not agent.is_closing():
-            # Between two WebSocket frames the stream can end with frames of
-            # our own: for exec and attach the Status on channel 3, which
-            # kubectl prints, then a close frame with the reason (RFC 6455
-            # §5.5.1) for any client.
+        if self.frames is not None and not agent.is_closing():
+            # What the agent has of a WebSocket stream ends at a frame
+            # boundary (wsframes.Reframer), so it ends with frames of our own:
+            # for exec and attach the Status on channel 3, which kubectl
+            # prints (after finishing a message cut short), then a close frame
+            # with the reason (RFC 6455 §5.5.1) for any client.
             message = f"jitgate: the grant has {ended(reason)}"
-            last = b""
-            if self.status_channel:
+            tail = self.frames.end_message()
+            last = tail or b""
+            if self.status_channel and tail is not None:
                 status = kubehttp.status(401, f"the grant has {ended(reason)}")
-                last = wsframes.frame(wsframes.BINARY, bytes([wsframes.ERROR_CHANNEL]) + status)
+                last += wsframes.frame(wsframes.BINARY, bytes([wsframes.ERROR_CHANNEL]) + status)
             with contextlib.suppress(Exception):
                 agent.write(last + wsframes.close(message))
                 agent.close()
@@ -350,12 +352,28 @@ class Forward:
         response: h11.InformationalResponse,
         request_target: bytes,
     ) -> bool:
-        """The API server switched protocols (RFC 9110 §15.2.2): relay raw bytes both ways."""
+        """The API server switched protocols (RFC 9110 §15.2.2): relay both ways.
+
+        Bytes go on as they come, but a WebSocket stream's frames from the API
+        server are re-cut at each read (wsframes.Reframer), so a cut can say why.
+        """
         agent, stats = self.agent, self.held.stats
         assert self.upstream is not None
         headers, _ = kubehttp.agent_response_headers(
             response.headers, secret=self.target.token, switching=True
         )
+        websocket = kubehttp.upgrades_to_websocket(headers)
+        if websocket and any(name == b"sec-websocket-extensions" for name, _ in headers):
+            # None was asked for (kubehttp strips the agent's): RFC 6455 §9.1
+            # has a client fail such a handshake, and frames could not be re-cut.
+            log.warning(
+                "session %s: %s: the API server chose a WebSocket extension nobody asked for",
+                self.held.session_id,
+                loggable(request_target),
+            )
+            message = f"the API server of {self.target.name} answered in a way jitgate cannot relay"
+            await agent.status(502, message, close=True)
+            return False
         self.answered = True
         await agent.send(h11.InformationalResponse(status_code=101, headers=headers))
         log.info(
@@ -364,51 +382,59 @@ class Forward:
             loggable(request_target),
             b",".join(v for n, v in headers if n == b"upgrade").decode("latin-1")[:40],
         )
-        if kubehttp.upgrades_to_websocket(headers):
-            self.frames = wsframes.Frames()
+        if websocket:
+            self.frames = wsframes.Reframer()
             self.status_channel = request_target.split(b"?", 1)[0].endswith((b"/exec", b"/attach"))
         from_agent, _ = agent.http.trailing_data
         from_server, _ = up.trailing_data
 
-        def count_in(data: bytes) -> None:
-            """Count bytes from the agent."""
+        def inbound(data: bytes) -> bytes:
+            """Count bytes from the agent; they go on as they came."""
             stats.bytes_from_client += len(data)
+            return data
 
-        def count_out(data: bytes) -> None:
-            """Count bytes to the agent, and follow its WebSocket frames."""
-            stats.bytes_to_client += len(data)
+        def outbound(data: bytes) -> bytes:
+            """Re-cut a WebSocket stream's frames; count the bytes the agent gets."""
             if self.frames is not None:
-                self.frames.feed(data)
-
-        if from_agent:
-            count_in(from_agent)
-            self.upstream.write(from_agent)
-        if from_server:
-            count_out(from_server)
-            agent.writer.write(from_server)
+                data = self.frames.feed(data)
+            stats.bytes_to_client += len(data)
+            return data
 
         pumps = [
-            asyncio.create_task(_pump(agent.reader, self.upstream, count_in)),
-            asyncio.create_task(_pump(reader, agent.writer, count_out)),
+            asyncio.create_task(_pump(agent.reader, self.upstream, inbound, from_agent)),
+            asyncio.create_task(_pump(reader, agent.writer, outbound, from_server)),
         ]
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for pump in pumps:
                 pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+            results = await asyncio.gather(*pumps, return_exceptions=True)
+        for result in results:
+            if isinstance(result, wsframes.FrameError):
+                log.warning(
+                    "session %s: %s: the API server broke RFC 6455, stream cut: %s",
+                    self.held.session_id,
+                    loggable(request_target),
+                    result,
+                )
         return False
 
 
 async def _pump(
-    source: asyncio.StreamReader, sink: asyncio.StreamWriter, count: Callable[[bytes], None]
+    source: asyncio.StreamReader,
+    sink: asyncio.StreamWriter,
+    relay: Callable[[bytes], bytes],
+    first: bytes = b"",
 ) -> None:
-    """Copy bytes until the source ends; drain keeps a slow reader from filling memory."""
+    """Copy bytes (first, then the source's) until the source ends; drain bounds memory."""
     with contextlib.suppress(OSError):
-        while data := await source.read(CHUNK):
-            count(data)  # before the write, with no await between: frames stay in step
-            sink.write(data)
+        data = first or await source.read(CHUNK)
+        while data:
+            # relay and write with no await between: a cut sees frames in step.
+            sink.write(relay(data))
             await sink.drain()
+            data = await source.read(CHUNK)
 
 
 def upstream_context(target: KubeTarget) -> ssl.SSLContext:

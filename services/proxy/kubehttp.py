@@ -103,7 +103,9 @@ def upstream_request_headers(
     Impersonate-* (refused before this anyway), the front-proxy identity
     headers X-Remote-* (an API server trusting them must never take them
     from an agent), Expect (RFC 9110 §10.1.1: we forward whole bodies and do
-    not relay 100 Continue). Framing is set again for the body we send.
+    not relay 100 Continue), Sec-WebSocket-Extensions (RFC 6455 §5.4: the
+    proxy re-cuts frames, which it may do only with no extension in use).
+    Framing is set again for the body we send.
     """
     named = _connection_tokens(headers)
     out: Headers = [(b"host", host)]
@@ -119,7 +121,7 @@ def upstream_request_headers(
         if (
             lower in HOP_BY_HOP
             or lower in named
-            or lower in (b"host", b"authorization", b"expect")
+            or lower in (b"host", b"authorization", b"expect", b"sec-websocket-extensions")
             or lower.startswith((b"impersonate-", b"x-remote-"))
         ):
             continue

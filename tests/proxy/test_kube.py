@@ -250,6 +250,7 @@ def test_a_chunked_body_stays_chunked_and_an_upgrade_is_kept() -> None:
         (b"connection", b"Upgrade"),
         (b"upgrade", b"websocket"),
         (b"sec-websocket-protocol", b"v5.channel.k8s.io"),
+        (b"sec-websocket-extensions", b"permessage-deflate"),
     ]
     assert kubehttp.is_upgrade(upgrade)
     assert not kubehttp.is_upgrade([(b"upgrade", b"websocket")])
@@ -257,6 +258,8 @@ def test_a_chunked_body_stays_chunked_and_an_upgrade_is_kept() -> None:
     out = kubehttp.upstream_request_headers(upgrade, host=b"h", token="t", upgrade=True)
     assert out[-2:] == [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
     assert (b"sec-websocket-protocol", b"v5.channel.k8s.io") in out
+    # The proxy re-cuts the server's frames: no extension may be in use (RFC 6455 §5.4).
+    assert not [n for n, _ in out if n == b"sec-websocket-extensions"]
     # No legitimate upgrade: the Upgrade header does not cross.
     plain = kubehttp.upstream_request_headers(upgrade, host=b"h", token="t", upgrade=False)
     assert not [n for n, _ in plain if n in (b"upgrade", b"connection")]

@@ -27,7 +27,7 @@ from jitgate.proxy.gate import Gate
 from jitgate.proxy.grantcheck import Claims
 from jitgate.proxy.kube import Limits
 from jitgate.proxy.session import Redeemed, Registry, Relay
-from tests.kubestreams import BINARY, KubeStreams, PortForward
+from tests.kubestreams import BINARY, CONTINUATION, HALF, KubeStreams, PortForward
 from tests.proxy import kube_rig
 
 SA = "sa-streams-token-77c2"
@@ -298,3 +298,79 @@ async def test_an_idle_port_forward_to_the_test_api_server_outlives_the_request_
         assert await asyncio.wait_for(client.message(), 10) == (BINARY, b"\x00after a quiet second")
     finally:
         client.close()
+
+
+async def test_revoking_mid_frame_ends_kubectl_attach_with_the_bytes_that_came_and_why(
+    rig: Rig, streams: KubeStreams, tmp_path: Path
+) -> None:
+    """The test API server leaves its stdout frame half sent; the cut still says why."""
+    proc = await kubectl(rig, tmp_path, "streams", "attach", "-i", "api-0")
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    try:
+        proc.stdin.write(HALF + b" the first half of a long output\n")
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == (
+            HALF + b" the first half of a long output\n"
+        )
+        assert rig.registry.revoke(GRANT_ID) == 1
+        revoked = time.monotonic()
+        code = await asyncio.wait_for(proc.wait(), 10)
+        agent_cut = time.monotonic() - revoked
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert code != 0
+    assert b"jitgate: the grant has been revoked" in await proc.stderr.read()
+    assert agent_cut < CUT
+    assert await asyncio.to_thread(streams.wait_streams, 0, 5.0)
+
+
+async def test_revoking_mid_frame_ends_a_port_forward_with_a_close_frame_and_why(
+    rig: Rig, streams: KubeStreams
+) -> None:
+    """By the test's own WebSocket client: the frames themselves are checked."""
+    client = await forward(rig, "streams", "5432")
+    try:
+        client.send(0, HALF + b"abc")
+        # The API server's frame announces twice this; the proxy sends what came.
+        assert await asyncio.wait_for(client.frame(), 10) == (
+            BINARY,
+            False,
+            b"\x00" + HALF + b"abc",
+        )
+        assert rig.registry.revoke(GRANT_ID) == 1
+        revoked = time.monotonic()
+        # The message cut short is finished (empty, final), then the close and its reason.
+        assert await asyncio.wait_for(client.frame(), 5) == (CONTINUATION, True, b"")
+        closing = await asyncio.wait_for(client.frame(), 5)
+        assert closing == (8, True, b"\x03\xf0jitgate: the grant has been revoked")
+        assert await asyncio.wait_for(client.ended(), 5)
+        agent_cut = time.monotonic() - revoked
+    finally:
+        client.close()
+    assert agent_cut < CUT
+    assert await asyncio.to_thread(streams.wait_streams, 0, 5.0)
+    await asyncio.wait_for(rig.reported.wait(), 5)
+    assert [r.reason for r in rig.reports] == ["revoked"]
+
+
+async def test_an_extension_the_api_server_chose_unasked_gets_a_502_not_a_stream(
+    rig: Rig, streams: KubeStreams, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Frames under an extension could not be re-cut, so the stream could not be cut cleanly."""
+    streams.extension = "permessage-deflate"
+    client, response, body = await PortForward.open(
+        "127.0.0.1",
+        rig.front.port,
+        f"/connections/streams{PODS}/api-0/portforward?ports=5432",
+        GRANT,
+        str(rig.ca),
+    )
+    assert client is None
+    assert response is not None
+    assert response.status_code == 502
+    message = json.loads(body)["message"]
+    assert message == "jitgate: the API server of streams answered in a way jitgate cannot relay"
+    assert "chose a WebSocket extension nobody asked for" in caplog.text

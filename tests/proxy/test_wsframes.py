@@ -1,44 +1,181 @@
-"""wsframes: frame boundaries followed however the bytes are split, and frames built right."""
+"""wsframes: server frames re-cut at every read, messages unchanged, frames built right."""
 
 from __future__ import annotations
 
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jitgate.proxy import wsframes
 
 SIZES = (0, 1, 125, 126, 127, 65535, 65536, 70000)
+PING = 0x9
 
 
-def stream() -> tuple[bytes, list[int]]:
-    """Frames of every length class back to back, and the offsets where each ends."""
-    data, ends = b"", []
-    for size in SIZES:
-        data += wsframes.frame(wsframes.BINARY, bytes([size % 251]) * size)
-        ends.append(len(data))
-    # A masked frame too (as a client sends): 4 mask bytes after the length.
-    data += bytes([0x82, 0x80 | 3]) + b"mask" + b"abc"
-    ends.append(len(data))
-    return data, ends
+def build(first: int, payload: bytes, mask: bytes | None = None) -> bytes:
+    """A frame as a server could send it: any first byte, masked if asked (a server must not)."""
+    size = len(payload)
+    bit = 0x80 if mask is not None else 0
+    if size < 126:
+        head = bytes([first, bit | size])
+    elif size < 1 << 16:
+        head = bytes([first, bit | 126]) + struct.pack("!H", size)
+    else:
+        head = bytes([first, bit | 127]) + struct.pack("!Q", size)
+    if mask is None:
+        return head + payload
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def parse(data: bytes) -> list[tuple[int, int, bytes]]:
+    """Whole frames only (first byte, payload length, unmasked payload); fails on a partial one."""
+    frames, at = [], 0
+    while at < len(data):
+        assert len(data) - at >= 2, "a frame head cut short"
+        first, second = data[at], data[at + 1]
+        size, at = second & 0x7F, at + 2
+        if size == 126:
+            size, at = struct.unpack("!H", data[at : at + 2])[0], at + 2
+        elif size == 127:
+            size, at = struct.unpack("!Q", data[at : at + 8])[0], at + 8
+        mask = data[at : at + 4] if second & 0x80 else None
+        at += 4 if mask else 0
+        payload = data[at : at + size]
+        assert len(payload) == size, "a frame cut short: the agent could not be sent a frame now"
+        at += size
+        if mask:
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        frames.append((first, size, payload))
+    return frames
+
+
+def messages(frames: list[tuple[int, int, bytes]]) -> list[tuple[int, bytes]]:
+    """Data messages (fragments joined, RFC 6455 §5.4) and control frames, in order."""
+    out: list[tuple[int, bytes]] = []
+    opcode, payload = -1, b""
+    for first, _, data in frames:
+        kind = first & 0x0F
+        if kind & 0x8:
+            assert first & 0x80, "a control frame is never fragmented (RFC 6455 §5.5)"
+            out.append((kind, data))
+            continue
+        assert (kind == wsframes.CONTINUATION) == (opcode != -1), "fragments out of order"
+        opcode = kind if opcode == -1 else opcode
+        payload += data
+        if first & 0x80:
+            out.append((opcode, payload))
+            opcode, payload = -1, b""
+    assert opcode == -1, "a message left open"
+    return out
+
+
+def relay(data: bytes, cuts: list[int]) -> list[bytes]:
+    """What the Reframer sends for data read in pieces ending at the cuts."""
+    reframer = wsframes.Reframer()
+    ends = [*sorted({c for c in cuts if 0 < c < len(data)}), len(data)]
+    sent, start = [], 0
+    for end in ends:
+        sent.append(reframer.feed(data[start:end]))
+        start = end
+    return sent
+
+
+def stream() -> bytes:
+    """Messages of every length class, one fragmented by the server around a ping, one masked."""
+    data = b"".join(wsframes.frame(wsframes.BINARY, bytes([s % 251]) * s) for s in SIZES)
+    data += build(0x01, b"caf\xc3")  # a text message in two fragments (RFC 6455 §5.4)
+    data += build(PING | 0x80, b"ping")  # a control frame between them (§5.5)
+    data += build(0x80, b"\xa9!")
+    data += build(0x82, b"masked payload", mask=b"\x01\x02\x03\x04")
+    return data
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 4096, 1 << 20])
-def test_boundaries_are_found_however_the_stream_is_split(chunk: int) -> None:
-    data, ends = stream()
-    frames = wsframes.Frames()
-    for offset in range(0, len(data), chunk):
-        piece = data[offset : offset + chunk]
-        frames.feed(piece)
-        at_end = offset + len(piece)
-        # Only offsets that are some frame's end are boundaries.
-        assert frames.at_boundary == (at_end in ends), at_end
+def test_every_read_is_sent_as_whole_frames_and_the_messages_are_unchanged(chunk: int) -> None:
+    data = stream()
+    sent = relay(data, list(range(chunk, len(data), chunk)))
+    for piece in sent:
+        parse(piece)  # each send ends at a frame boundary: a close frame could follow now
+    assert messages(parse(b"".join(sent))) == messages(parse(data))
 
 
-def test_a_frame_head_alone_is_not_a_boundary() -> None:
-    frames = wsframes.Frames()
-    frames.feed(wsframes.frame(wsframes.BINARY, b"x" * 300)[:4])
-    assert not frames.at_boundary
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(0, 20_000), max_size=12),
+    masked=st.booleans(),
+)
+def test_messages_survive_any_split_of_the_reads(
+    sizes: list[int], cuts: list[int], masked: bool
+) -> None:
+    mask = b"\x9a\x0b\xc4\x17" if masked else None
+    data = b"".join(build(0x82, bytes([n % 256]) * n, mask) for n in sizes)
+    sent = relay(data, cuts)
+    for piece in sent:
+        parse(piece)
+    assert messages(parse(b"".join(sent))) == messages(parse(data))
+
+
+def test_frames_that_arrive_whole_go_on_byte_for_byte() -> None:
+    data = b"".join(wsframes.frame(wsframes.BINARY, b"x" * s) for s in SIZES)
+    assert wsframes.Reframer().feed(data) == data
+
+
+def test_a_frame_head_alone_sends_nothing_yet() -> None:
+    reframer = wsframes.Reframer()
+    assert reframer.feed(wsframes.frame(wsframes.BINARY, b"x" * 300)[:3]) == b""
+    assert not reframer.in_message
+    assert reframer.end_message() == b""
+
+
+def test_a_binary_message_cut_mid_frame_is_finished_with_an_empty_final_fragment() -> None:
+    reframer = wsframes.Reframer()
+    whole = wsframes.frame(wsframes.BINARY, b"\x01" + b"o" * 999)
+    sent = reframer.feed(whole[:500])
+    assert reframer.in_message
+    tail = reframer.end_message()
+    assert tail is not None
+    # The agent gets the bytes that came, as one complete message, then ours.
+    ours = wsframes.frame(wsframes.BINARY, b"\x03{}") + wsframes.close("bye")
+    assert messages(parse(sent + tail + ours)) == [
+        (wsframes.BINARY, whole[4:500]),
+        (wsframes.BINARY, b"\x03{}"),
+        (wsframes.CLOSE, struct.pack("!H", 1008) + b"bye"),
+    ]
+    assert not reframer.in_message
+
+
+def test_a_text_message_cut_mid_frame_is_not_finished_but_a_close_may_follow() -> None:
+    # Ending a text message early could leave a partial UTF-8 sequence.
+    reframer = wsframes.Reframer()
+    sent = reframer.feed(wsframes.frame(wsframes.TEXT, "é".encode() * 100)[:5])
+    assert reframer.end_message() is None
+    frames = parse(sent + wsframes.close("bye"))
+    assert [first & 0x0F for first, _, _ in frames] == [wsframes.TEXT, wsframes.CLOSE]
+    assert not frames[0][0] & 0x80  # the text fragment is not final
+
+
+def test_a_control_frame_is_held_until_whole() -> None:
+    reframer = wsframes.Reframer()
+    ping = build(PING | 0x80, b"are you there")
+    assert reframer.feed(ping[:5]) == b""
+    assert reframer.feed(ping[5:]) == ping
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        build(PING | 0x80, b"x" * 126),  # a control frame over 125 bytes (RFC 6455 §5.5)
+        build(PING, b"x"),  # a fragmented control frame
+        build(0x80, b"x"),  # a continuation with no message to continue
+        build(0x02, b"x") + build(0x82, b"y"),  # a new message before the last one ended
+    ],
+)
+def test_a_stream_that_breaks_rfc_6455_is_refused(data: bytes) -> None:
+    with pytest.raises(wsframes.FrameError):
+        wsframes.Reframer().feed(data)
 
 
 @pytest.mark.parametrize("size", SIZES)
