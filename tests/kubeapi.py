@@ -98,6 +98,8 @@ class KubeApi:
     pods: dict[str, list[str]] = field(default_factory=lambda: {"payments": ["api-0", "api-1"]})
     seen: list[Seen] = field(default_factory=list)
     watches_open: int = 0
+    half_event: bool = False
+    """Watches send, with their first event, half of a second one (no newline): mid-event."""
     _watches: threading.Condition = field(default_factory=threading.Condition)
     _stopping: threading.Event = field(default_factory=threading.Event)
     _server: ThreadingHTTPServer | None = None
@@ -262,7 +264,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             added = {"type": "ADDED", "object": pod("watched-0", namespace, "11")}
-            self._chunk(json.dumps(added).encode() + b"\n")
+            first = json.dumps(added).encode() + b"\n"
+            if api.half_event:
+                modified = {"type": "MODIFIED", "object": pod("watched-0", namespace, "12")}
+                text = json.dumps(modified).encode()
+                first += text[: len(text) // 2]
+            self._chunk(first)
             while not api._stopping.is_set():
                 readable, _, _ = select.select([sock], [], [], 0.05)
                 if readable:

@@ -33,6 +33,8 @@ UPSTREAM_TIMEOUT = 10.0
 """Connecting to the API server, and waiting for its response headers."""
 CLOSE_GRACE = 1.0
 """Seconds a cut watch's agent gets to read the event saying why, before its socket is cut."""
+MAX_HELD_EVENT = 2 * 1024 * 1024
+"""Bytes of a watch event held until its newline (above etcd's 1.5 MiB object limit)."""
 
 
 def _is_watch(query: str, headers: kubehttp.Headers) -> bool:
@@ -40,6 +42,12 @@ def _is_watch(query: str, headers: kubehttp.Headers) -> bool:
     watching = parse_qs(query).get("watch", [""])[-1] in ("1", "true")
     types = [v for n, v in headers if n == b"content-type"]
     return watching and bool(types) and types[0].startswith(b"application/json")
+
+
+def _whole_lines(data: bytes) -> tuple[bytes, bytes]:
+    """Data split after its last newline: (whole lines, the start of the next)."""
+    end = data.rfind(b"\n") + 1
+    return data[:end], data[end:]
 
 
 def _why(exc: BaseException) -> str:
@@ -266,6 +274,7 @@ class Forward:
         )
         self.watch = response.status_code == 200 and _is_watch(query, headers)
         self.boundary = True
+        held = b""  # a watch event's start, kept until its newline: no agent uses half an event
         # A watch or a log stream may carry nothing for minutes: an agent that
         # leaves must not keep its upstream stream open until the grant ends.
         gone = asyncio.create_task(self._agent_gone())
@@ -273,11 +282,23 @@ class Forward:
             while True:
                 event = await self._receive_upstream(up, reader)
                 if isinstance(event, h11.Data):
-                    stats.bytes_to_client += len(event.data)
+                    data = bytes(event.data)
+                    if self.watch:
+                        # Whole events only, so a cut can always add one saying why;
+                        # one too large to hold goes on as it comes.
+                        data, held = _whole_lines(held + data)
+                        if len(held) > MAX_HELD_EVENT:
+                            data, held = data + held, b""
+                        if not data:
+                            continue
+                    stats.bytes_to_client += len(data)
                     # Set before the write: _send writes at once, then waits to drain.
-                    self.boundary = event.data.endswith(b"\n")
-                    await agent.send(event)
+                    self.boundary = data.endswith(b"\n")
+                    await agent.send(h11.Data(data=data))
                 elif isinstance(event, h11.EndOfMessage):
+                    if held:  # the API server ended mid-event: the agent gets all it sent
+                        stats.bytes_to_client += len(held)
+                        await agent.send(h11.Data(data=held))
                     await agent.send(h11.EndOfMessage())
                     return not gone.done()
                 else:

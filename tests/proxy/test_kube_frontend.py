@@ -738,3 +738,59 @@ async def test_a_path_prefix_of_the_server_url_comes_before_every_path(
     reply = await send(rig, get("/connections/prefixed/version"))
     assert reply.status == 404  # the test API server has no /prefix/k8s/version
     assert [s.path for s in kubeapi.seen[before:]] == ["/prefix/k8s/version"]
+
+
+async def test_revoking_a_watch_mid_event_ends_it_with_whole_events_and_why(
+    rig: Rig, kubeapi: KubeApi
+) -> None:
+    """Half an event is held until its newline, so the cut can still add the ERROR event."""
+    kubeapi.half_event = True
+    watch = await Client.open(rig)
+    body = b""
+    try:
+        watch.write(get("/connections/payments/api/v1/namespaces/payments/pods?watch=true"))
+        assert await watch.head() == 200
+        while b"\n" not in body:
+            event = await asyncio.wait_for(watch.event(), 10)
+            assert isinstance(event, h11.Data)
+            body += event.data
+        assert rig.registry.revoke(GRANT_ID) == 1
+        while not isinstance(event := await asyncio.wait_for(watch.event(), 5), h11.EndOfMessage):
+            assert isinstance(event, h11.Data)
+            body += event.data
+    finally:
+        kubeapi.half_event = False
+        watch.close()
+    events = [json.loads(line) for line in body.splitlines()]  # whole lines only
+    assert [e["type"] for e in events] == ["ADDED", "ERROR"]
+    assert events[1]["object"]["message"] == "jitgate: the grant has been revoked"
+
+
+async def _drain(client: Client) -> None:
+    """Read the response's body to its end."""
+    while isinstance(await client.event(), h11.Data):
+        pass
+
+
+async def test_an_event_too_large_to_hold_goes_on_as_it_comes(
+    rig: Rig, kubeapi: KubeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_HELD_EVENT the proxy's memory wins: the half event is sent, the cut is bare."""
+    monkeypatch.setattr(kubeforward, "MAX_HELD_EVENT", 16)
+    kubeapi.half_event = True
+    watch = await Client.open(rig)
+    body = b""
+    try:
+        watch.write(get("/connections/payments/api/v1/namespaces/payments/pods?watch=true"))
+        assert await watch.head() == 200
+        while b'"MODIFIED"' not in body:
+            event = await asyncio.wait_for(watch.event(), 10)
+            assert isinstance(event, h11.Data)
+            body += event.data
+        assert rig.registry.revoke(GRANT_ID) == 1
+        with pytest.raises(h11.RemoteProtocolError):  # cut mid-body: no ERROR event can follow
+            await asyncio.wait_for(_drain(watch), 5)
+    finally:
+        kubeapi.half_event = False
+        watch.close()
+    assert not body.endswith(b"\n")
