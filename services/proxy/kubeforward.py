@@ -416,6 +416,8 @@ class Forward:
 
         def outbound(data: bytes) -> bytes:
             """Re-cut a WebSocket stream's frames; count the bytes the agent gets."""
+            if self.cut:
+                return b""  # the grant ended: nothing of the server's after our last frames
             if self.frames is not None:
                 data = self.frames.feed(data)
             stats.bytes_to_client += len(data)
