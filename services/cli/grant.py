@@ -1,4 +1,4 @@
-"""`jitgate grant`: the agent's side of the Issuer API, and the operator's revocations.
+"""`jitgate grant`: the agent's side of the Issuer API; the operator's revocations and listing.
 
 Exit codes tell outcomes apart for scripts: 0 done, 3 denied, 4 token rejected,
 5 jitgate unavailable, 6 no such grant, 2 a malformed request or a usage error.
@@ -97,6 +97,25 @@ def register(verbs: Any) -> None:
     )
     revoke.add_argument("--reason", default="")
     revoke.set_defaults(func=run)
+    live = sub.add_parser(
+        "live",
+        help="the operator: every live grant, or a subject's or a connection's",
+        description="The operator (JITGATE_TLS_* naming the operator certificate) lists live"
+        " grants through the policy service, soonest expiry first: of --subject, of"
+        " --connection, or of every connection the policy names. Tokens are never shown.",
+    )
+    scope = live.add_mutually_exclusive_group()
+    scope.add_argument("--subject", help="only this subject's grants")
+    scope.add_argument("--connection", help="only this connection's grants")
+    live.add_argument("--limit", type=int, default=0, help="at most this many (default 1000)")
+    live.add_argument(
+        "--policy",
+        default=os.environ.get("JITGATE_POLICY_ADDR"),
+        help="the policy service, host:port ($JITGATE_POLICY_ADDR)",
+    )
+    live.add_argument("--json", action="store_true", help="print JSON")
+    live.add_argument("--timeout", type=float, default=5.0)
+    live.set_defaults(func=list_live)
     kube = sub.add_parser(
         "kubeconfig",
         help="write a kubeconfig for one of your kubernetes grants",
@@ -258,22 +277,16 @@ def _operator(args: argparse.Namespace) -> bool:
     )
 
 
-def _revoke_as_operator(args: argparse.Namespace) -> int:
+def _as_operator(args: argparse.Namespace, method: str, request: Any) -> tuple[Any, int]:
+    """Call one operator RPC of the policy service: (response, 0), or (None, exit code) told."""
     if not args.policy:
         raise ConfigError("no policy service: set JITGATE_POLICY_ADDR or pass --policy host:port")
-    if args.subject:
-        request = policy_pb2.RevokeGrantsRequest(subject=args.subject, reason=args.reason)
-    elif args.connection:
-        request = policy_pb2.RevokeGrantsRequest(connection=args.connection, reason=args.reason)
-    else:
-        request = policy_pb2.RevokeGrantsRequest(grant_id=args.grant_id, reason=args.reason)
     credentials = tls.channel_credentials(Env().tls())
     options = [("grpc.ssl_target_name_override", "policy")]
     with grpc.secure_channel(args.policy, credentials, options=options) as channel:
+        stub = policy_pb2_grpc.PolicyStub(channel)
         try:
-            response = policy_pb2_grpc.PolicyStub(channel).RevokeGrants(
-                request, timeout=args.timeout
-            )
+            return getattr(stub, method)(request, timeout=args.timeout), EXIT_OK
         except grpc.RpcError as exc:
             call: grpc.Call = exc  # type: ignore[assignment]  # sync errors are calls
             code = {
@@ -286,13 +299,65 @@ def _revoke_as_operator(args: argparse.Namespace) -> int:
                 print(json.dumps({"error": call.code().name.lower(), "message": message}))
             else:
                 print(f"jitgate: {call.code().name.lower()}: {message}", file=sys.stderr)
-            return code
+            return None, code
+
+
+def _revoke_as_operator(args: argparse.Namespace) -> int:
+    if args.subject:
+        request = policy_pb2.RevokeGrantsRequest(subject=args.subject, reason=args.reason)
+    elif args.connection:
+        request = policy_pb2.RevokeGrantsRequest(connection=args.connection, reason=args.reason)
+    else:
+        request = policy_pb2.RevokeGrantsRequest(grant_id=args.grant_id, reason=args.reason)
+    response, code = _as_operator(args, "RevokeGrants", request)
+    if response is None:
+        return code
     revoked = list(response.grant_ids)
     if args.json:
         print(json.dumps({"revoked": revoked, "revoked_at": response.revoked_at.ToJsonString()}))
     else:
         print(f"revoked {len(revoked)} grant(s)" + "".join(f"\n  {g}" for g in revoked))
     return EXIT_OK
+
+
+def list_live(args: argparse.Namespace) -> int:
+    """The operator's listing of live grants; exit 3 for a certificate policy does not admit."""
+    if not 0 <= args.limit <= 1000:
+        raise ConfigError("--limit must be between 0 and 1000")
+    if args.subject:
+        request = policy_pb2.ListLiveGrantsRequest(subject=args.subject, limit=args.limit)
+    elif args.connection:
+        request = policy_pb2.ListLiveGrantsRequest(connection=args.connection, limit=args.limit)
+    else:
+        request = policy_pb2.ListLiveGrantsRequest(limit=args.limit)
+    response, code = _as_operator(args, "ListLiveGrants", request)
+    if response is None:
+        return code
+    rows = [_live_row(g) for g in response.grants]
+    if args.json:
+        print(json.dumps({"grants": rows, "truncated": response.truncated}))
+        return EXIT_OK
+    for row in rows:
+        where = row["connection"] + (f"/{row['namespace']}" if row["namespace"] else "")
+        print(f"{row['grant_id']}  {where:<32} {row['subject']:<24} expires {row['expires_at']}")
+    print(
+        f"{len(rows)} live grant(s)" + (" (more not shown: --limit)" if response.truncated else "")
+    )
+    return EXIT_OK
+
+
+def _live_row(grant: policy_pb2.LiveGrant) -> dict[str, str]:
+    """One live grant as text; times in UTC, RFC 3339."""
+    return {
+        "grant_id": grant.grant_id,
+        "subject": grant.subject,
+        "client_id": grant.client_id,
+        "connection": grant.connection,
+        "connection_kind": grant.connection_kind,
+        "namespace": grant.namespace,
+        "issued_at": grant.issued_at.ToJsonString(),
+        "expires_at": grant.expires_at.ToJsonString(),
+    }
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ issued:* and revoked:* (the Redis ACLs in jitgate.devstack.redis_server).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -33,6 +34,11 @@ MARKER_MARGIN_MS = 60_000
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
+
+
+def _text(value: bytes | str) -> str:
+    """A Redis reply as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # Take one of `limit` slots, atomically: Redis runs a script alone, so two
@@ -150,6 +156,42 @@ class Ledger:
         except RedisError as exc:
             raise Unavailable("redis", str(exc)) from exc
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    async def soonest(
+        self,
+        *,
+        subjects: Sequence[str] = (),
+        connections: Sequence[str] = (),
+        now: float,
+        count: int,
+    ) -> list[tuple[str, float]]:
+        """Up to count live grants of each subject and connection: (id, expiry), soonest first.
+
+        One round trip for all of them. A grant found twice (by its subject
+        and its connection) is listed once.
+        """
+        keys = [subject_index_key(s) for s in subjects]
+        keys += [connection_index_key(c) for c in connections]
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.zrangebyscore(key, f"({_ms(now)}", "+inf", 0, count, withscores=True)
+                rows = await pipe.execute()
+        except RedisError as exc:
+            raise Unavailable("redis", str(exc)) from exc
+        found = {_text(i): score / 1000 for row in rows for i, score in row}
+        return sorted(found.items(), key=lambda pair: (pair[1], pair[0]))
+
+    async def records(self, ids: Sequence[str]) -> list[GrantRecord]:
+        """The grants as signed, in the order of ids, less any gone since; one round trip."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for grant_id in ids:
+                    pipe.hgetall(issued_key(grant_id))
+                rows = await pipe.execute()
+        except RedisError as exc:
+            raise Unavailable("redis", str(exc)) from exc
+        return [r for r in (GrantRecord.from_hash(row) for row in rows if row) if r is not None]
 
     async def issued(self, grant_id: str) -> GrantRecord | None:
         """Return the grant as the policy service signed it, or None."""

@@ -46,12 +46,16 @@ ACL = {
     "/jitgate.v1.Policy/Decide": frozenset({"issuer"}),
     "/jitgate.v1.Policy/Revoke": frozenset({"issuer"}),
     "/jitgate.v1.Policy/RevokeGrants": frozenset({"operator"}),
+    "/jitgate.v1.Policy/ListLiveGrants": frozenset({"operator"}),
     "/jitgate.v1.Policy/GetGrantKeys": frozenset({"proxy"}),
     # The proxy is agent-reachable and holds no audit credential: redemptions
     # and closed sessions reach the audit log only through these two.
     "/jitgate.v1.Policy/Redeem": frozenset({"proxy"}),
     "/jitgate.v1.Policy/ReportSession": frozenset({"proxy"}),
 }
+
+MAX_LISTED = 1000
+"""Live grants in one ListLiveGrants answer, at most (about 200 KB)."""
 
 GRANT_INVALID = "GRANT_INVALID"
 GRANT_EXPIRED = "GRANT_EXPIRED"
@@ -379,6 +383,30 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         )
         return policy_pb2.RevokeGrantsResponse(grant_ids=revoked, revoked_at=wire.timestamp(now))
 
+    async def ListLiveGrants(
+        self, request: policy_pb2.ListLiveGrantsRequest, context: ServicerContext
+    ) -> policy_pb2.LiveGrants:
+        """The operator lists the live grants of a subject, a connection, or every connection."""
+        limit = min(request.limit or MAX_LISTED, MAX_LISTED)
+        target = request.WhichOneof("target")
+        subjects, connections = [], []
+        if target == "subject":
+            subjects.append(validate.label("subject", request.subject))
+        elif target == "connection":
+            connections.append(validate.connection_name(request.connection))
+        else:
+            connections.extend(sorted(self._policy().connections))
+        found = await self._ledger.soonest(
+            subjects=subjects, connections=connections, now=self._clock(), count=limit + 1
+        )
+        records = await self._ledger.records([grant_id for grant_id, _ in found[:limit]])
+        who = spiffe_id(caller.get(), self._settings.trust_domain)
+        scope = f"{target} {getattr(request, target)!r}" if target else "every connection"
+        log.info("%s listed %d live grants of %s", who, len(records), scope)
+        return policy_pb2.LiveGrants(
+            grants=[_live_grant(record) for record in records], truncated=len(found) > limit
+        )
+
     async def _revoke(
         self,
         record: GrantRecord,
@@ -551,3 +579,17 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             receipt.index,
         )
         return policy_pb2.SessionReportAck()
+
+
+def _live_grant(record: GrantRecord) -> policy_pb2.LiveGrant:
+    """A ledger record as the operator sees it: everything but a token (it holds none)."""
+    return policy_pb2.LiveGrant(
+        grant_id=record.grant_id,
+        subject=record.subject,
+        client_id=record.client_id,
+        connection=record.connection,
+        connection_kind=record.connection_kind,
+        namespace=record.namespace,
+        issued_at=wire.timestamp(record.issued_at),
+        expires_at=wire.timestamp(record.expires_at),
+    )

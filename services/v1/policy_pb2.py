@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from jitgate.v1 import types_pb2 as jitgate_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jitgate/v1/policy.proto\x12\njitgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16jitgate/v1/types.proto\"\x82\x01\n\rDecideRequest\x12\x11\n\tassertion\x18\x01 \x01(\t\x12\x12\n\nconnection\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12%\n\x04\x65\x64ge\x18\x05 \x01(\x0b\x32\x17.jitgate.v1.EdgeContext\"\xc5\x02\n\x08\x44\x65\x63ision\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x13\n\x0breason_code\x18\x02 \x01(\t\x12$\n\x07\x62inding\x18\x03 \x01(\x0b\x32\x13.jitgate.v1.Binding\x12\x10\n\x08grant_id\x18\x04 \x01(\t\x12-\n\tissued_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bgrant_token\x18\x07 \x01(\t\x12\x12\n\nconnection\x18\x08 \x01(\t\x12\x17\n\x0f\x63onnection_kind\x18\t \x01(\t\x12\x0f\n\x07subject\x18\n \x01(\t\x12\x16\n\x0epolicy_version\x18\x0b \x01(\t\x12\x11\n\tnamespace\x18\x0c \x01(\t\"k\n\rRevokeRequest\x12\x11\n\tassertion\x18\x01 \x01(\t\x12\x10\n\x08grant_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12%\n\x04\x65\x64ge\x18\x04 \x01(\x0b\x32\x17.jitgate.v1.EdgeContext\"@\n\x0eRevokeResponse\x12.\n\nrevoked_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"l\n\x13RevokeGrantsRequest\x12\x12\n\x08grant_id\x18\x01 \x01(\tH\x00\x12\x11\n\x07subject\x18\x02 \x01(\tH\x00\x12\x14\n\nconnection\x18\x03 \x01(\tH\x00\x12\x0e\n\x06reason\x18\x04 \x01(\tB\x08\n\x06target\"Y\n\x14RevokeGrantsResponse\x12\x11\n\tgrant_ids\x18\x01 \x03(\t\x12.\n\nrevoked_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x15\n\x13GetGrantKeysRequest\"=\n\tGrantKeys\x12\"\n\x04keys\x18\x01 \x03(\x0b\x32\x14.jitgate.v1.GrantKey\x12\x0c\n\x04jwks\x18\x02 \x01(\t\"k\n\x08GrantKey\x12\x0b\n\x03kid\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x0f\n\x07signing\x18\x03 \x01(\x08\x12-\n\tretire_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\rRedeemRequest\x12\x13\n\x0bgrant_token\x18\x01 \x01(\t\x12\x12\n\nconnection\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x16\n\x0e\x63lient_address\x18\x04 \x01(\t\"\x90\x01\n\x0eRedeemResponse\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x12\n\nconnection\x18\x03 \x01(\t\x12\x17\n\x0f\x63onnection_kind\x18\x04 \x01(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xeb\x01\n\rSessionReport\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nconnection\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x19\n\x11\x62ytes_from_client\x18\x05 \x01(\x04\x12\x17\n\x0f\x62ytes_to_client\x18\x06 \x01(\x04\x12-\n\topened_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tclosed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x12\n\x10SessionReportAck2\xaa\x03\n\x06Policy\x12\x39\n\x06\x44\x65\x63ide\x12\x19.jitgate.v1.DecideRequest\x1a\x14.jitgate.v1.Decision\x12?\n\x06Revoke\x12\x19.jitgate.v1.RevokeRequest\x1a\x1a.jitgate.v1.RevokeResponse\x12Q\n\x0cRevokeGrants\x12\x1f.jitgate.v1.RevokeGrantsRequest\x1a .jitgate.v1.RevokeGrantsResponse\x12\x46\n\x0cGetGrantKeys\x12\x1f.jitgate.v1.GetGrantKeysRequest\x1a\x15.jitgate.v1.GrantKeys\x12?\n\x06Redeem\x12\x19.jitgate.v1.RedeemRequest\x1a\x1a.jitgate.v1.RedeemResponse\x12H\n\rReportSession\x12\x19.jitgate.v1.SessionReport\x1a\x1c.jitgate.v1.SessionReportAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jitgate/v1/policy.proto\x12\njitgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16jitgate/v1/types.proto\"\x82\x01\n\rDecideRequest\x12\x11\n\tassertion\x18\x01 \x01(\t\x12\x12\n\nconnection\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12%\n\x04\x65\x64ge\x18\x05 \x01(\x0b\x32\x17.jitgate.v1.EdgeContext\"\xc5\x02\n\x08\x44\x65\x63ision\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x13\n\x0breason_code\x18\x02 \x01(\t\x12$\n\x07\x62inding\x18\x03 \x01(\x0b\x32\x13.jitgate.v1.Binding\x12\x10\n\x08grant_id\x18\x04 \x01(\t\x12-\n\tissued_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bgrant_token\x18\x07 \x01(\t\x12\x12\n\nconnection\x18\x08 \x01(\t\x12\x17\n\x0f\x63onnection_kind\x18\t \x01(\t\x12\x0f\n\x07subject\x18\n \x01(\t\x12\x16\n\x0epolicy_version\x18\x0b \x01(\t\x12\x11\n\tnamespace\x18\x0c \x01(\t\"k\n\rRevokeRequest\x12\x11\n\tassertion\x18\x01 \x01(\t\x12\x10\n\x08grant_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12%\n\x04\x65\x64ge\x18\x04 \x01(\x0b\x32\x17.jitgate.v1.EdgeContext\"@\n\x0eRevokeResponse\x12.\n\nrevoked_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"l\n\x13RevokeGrantsRequest\x12\x12\n\x08grant_id\x18\x01 \x01(\tH\x00\x12\x11\n\x07subject\x18\x02 \x01(\tH\x00\x12\x14\n\nconnection\x18\x03 \x01(\tH\x00\x12\x0e\n\x06reason\x18\x04 \x01(\tB\x08\n\x06target\"Y\n\x14RevokeGrantsResponse\x12\x11\n\tgrant_ids\x18\x01 \x03(\t\x12.\n\nrevoked_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\x15ListLiveGrantsRequest\x12\x11\n\x07subject\x18\x01 \x01(\tH\x00\x12\x14\n\nconnection\x18\x02 \x01(\tH\x00\x12\r\n\x05limit\x18\x03 \x01(\rB\x08\n\x06target\"\xe0\x01\n\tLiveGrant\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x12\n\nconnection\x18\x04 \x01(\t\x12\x17\n\x0f\x63onnection_kind\x18\x05 \x01(\t\x12\x11\n\tnamespace\x18\x06 \x01(\t\x12-\n\tissued_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"F\n\nLiveGrants\x12%\n\x06grants\x18\x01 \x03(\x0b\x32\x15.jitgate.v1.LiveGrant\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"\x15\n\x13GetGrantKeysRequest\"=\n\tGrantKeys\x12\"\n\x04keys\x18\x01 \x03(\x0b\x32\x14.jitgate.v1.GrantKey\x12\x0c\n\x04jwks\x18\x02 \x01(\t\"k\n\x08GrantKey\x12\x0b\n\x03kid\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x0f\n\x07signing\x18\x03 \x01(\x08\x12-\n\tretire_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\rRedeemRequest\x12\x13\n\x0bgrant_token\x18\x01 \x01(\t\x12\x12\n\nconnection\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x16\n\x0e\x63lient_address\x18\x04 \x01(\t\"\x90\x01\n\x0eRedeemResponse\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x12\n\nconnection\x18\x03 \x01(\t\x12\x17\n\x0f\x63onnection_kind\x18\x04 \x01(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xeb\x01\n\rSessionReport\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nconnection\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x19\n\x11\x62ytes_from_client\x18\x05 \x01(\x04\x12\x17\n\x0f\x62ytes_to_client\x18\x06 \x01(\x04\x12-\n\topened_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tclosed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x12\n\x10SessionReportAck2\xf7\x03\n\x06Policy\x12\x39\n\x06\x44\x65\x63ide\x12\x19.jitgate.v1.DecideRequest\x1a\x14.jitgate.v1.Decision\x12?\n\x06Revoke\x12\x19.jitgate.v1.RevokeRequest\x1a\x1a.jitgate.v1.RevokeResponse\x12Q\n\x0cRevokeGrants\x12\x1f.jitgate.v1.RevokeGrantsRequest\x1a .jitgate.v1.RevokeGrantsResponse\x12K\n\x0eListLiveGrants\x12!.jitgate.v1.ListLiveGrantsRequest\x1a\x16.jitgate.v1.LiveGrants\x12\x46\n\x0cGetGrantKeys\x12\x1f.jitgate.v1.GetGrantKeysRequest\x1a\x15.jitgate.v1.GrantKeys\x12?\n\x06Redeem\x12\x19.jitgate.v1.RedeemRequest\x1a\x1a.jitgate.v1.RedeemResponse\x12H\n\rReportSession\x12\x19.jitgate.v1.SessionReport\x1a\x1c.jitgate.v1.SessionReportAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,20 +45,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKEGRANTSREQUEST']._serialized_end=840
   _globals['_REVOKEGRANTSRESPONSE']._serialized_start=842
   _globals['_REVOKEGRANTSRESPONSE']._serialized_end=931
-  _globals['_GETGRANTKEYSREQUEST']._serialized_start=933
-  _globals['_GETGRANTKEYSREQUEST']._serialized_end=954
-  _globals['_GRANTKEYS']._serialized_start=956
-  _globals['_GRANTKEYS']._serialized_end=1017
-  _globals['_GRANTKEY']._serialized_start=1019
-  _globals['_GRANTKEY']._serialized_end=1126
-  _globals['_REDEEMREQUEST']._serialized_start=1128
-  _globals['_REDEEMREQUEST']._serialized_end=1228
-  _globals['_REDEEMRESPONSE']._serialized_start=1231
-  _globals['_REDEEMRESPONSE']._serialized_end=1375
-  _globals['_SESSIONREPORT']._serialized_start=1378
-  _globals['_SESSIONREPORT']._serialized_end=1613
-  _globals['_SESSIONREPORTACK']._serialized_start=1615
-  _globals['_SESSIONREPORTACK']._serialized_end=1633
-  _globals['_POLICY']._serialized_start=1636
-  _globals['_POLICY']._serialized_end=2062
+  _globals['_LISTLIVEGRANTSREQUEST']._serialized_start=933
+  _globals['_LISTLIVEGRANTSREQUEST']._serialized_end=1022
+  _globals['_LIVEGRANT']._serialized_start=1025
+  _globals['_LIVEGRANT']._serialized_end=1249
+  _globals['_LIVEGRANTS']._serialized_start=1251
+  _globals['_LIVEGRANTS']._serialized_end=1321
+  _globals['_GETGRANTKEYSREQUEST']._serialized_start=1323
+  _globals['_GETGRANTKEYSREQUEST']._serialized_end=1344
+  _globals['_GRANTKEYS']._serialized_start=1346
+  _globals['_GRANTKEYS']._serialized_end=1407
+  _globals['_GRANTKEY']._serialized_start=1409
+  _globals['_GRANTKEY']._serialized_end=1516
+  _globals['_REDEEMREQUEST']._serialized_start=1518
+  _globals['_REDEEMREQUEST']._serialized_end=1618
+  _globals['_REDEEMRESPONSE']._serialized_start=1621
+  _globals['_REDEEMRESPONSE']._serialized_end=1765
+  _globals['_SESSIONREPORT']._serialized_start=1768
+  _globals['_SESSIONREPORT']._serialized_end=2003
+  _globals['_SESSIONREPORTACK']._serialized_start=2005
+  _globals['_SESSIONREPORTACK']._serialized_end=2023
+  _globals['_POLICY']._serialized_start=2026
+  _globals['_POLICY']._serialized_end=2529
 # @@protoc_insertion_point(module_scope)

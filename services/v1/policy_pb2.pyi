@@ -223,6 +223,103 @@ class RevokeGrantsResponse(_message.Message):
 Global___RevokeGrantsResponse: _TypeAlias = RevokeGrantsResponse  # noqa: Y015
 
 @_typing.final
+class ListLiveGrantsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    subject: _builtins.str
+    connection: _builtins.str
+    limit: _builtins.int
+    """At most this many, soonest expiry first; 0 or more than 1000 means 1000."""
+    def __init__(
+        self,
+        *,
+        subject: _builtins.str = ...,
+        connection: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "subject", b"subject", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "limit", b"limit", "subject", b"subject", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["subject", "connection"]  # noqa: Y015
+    _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
+
+Global___ListLiveGrantsRequest: _TypeAlias = ListLiveGrantsRequest  # noqa: Y015
+
+@_typing.final
+class LiveGrant(_message.Message):
+    """A live grant as the policy service signed it: who, what, until when."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    CONNECTION_KIND_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.str
+    subject: _builtins.str
+    client_id: _builtins.str
+    connection: _builtins.str
+    connection_kind: _builtins.str
+    namespace: _builtins.str
+    """For a kubernetes connection, the one namespace it reaches; else empty."""
+    @_builtins.property
+    def issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+        connection: _builtins.str = ...,
+        connection_kind: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        issued_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "issued_at", b"issued_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "connection", b"connection", "connection_kind", b"connection_kind", "expires_at", b"expires_at", "grant_id", b"grant_id", "issued_at", b"issued_at", "namespace", b"namespace", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveGrant: _TypeAlias = LiveGrant  # noqa: Y015
+
+@_typing.final
+class LiveGrants(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """More were live than the limit allowed; those expiring last were left out."""
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___LiveGrant]: ...
+    def __init__(
+        self,
+        *,
+        grants: _abc.Iterable[Global___LiveGrant] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveGrants: _TypeAlias = LiveGrants  # noqa: Y015
+
+@_typing.final
 class GetGrantKeysRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

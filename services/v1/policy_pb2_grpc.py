@@ -57,6 +57,11 @@ class PolicyStub:
                 request_serializer=jitgate_dot_v1_dot_policy__pb2.RevokeGrantsRequest.SerializeToString,
                 response_deserializer=jitgate_dot_v1_dot_policy__pb2.RevokeGrantsResponse.FromString,
                 _registered_method=True)
+        self.ListLiveGrants = channel.unary_unary(
+                '/jitgate.v1.Policy/ListLiveGrants',
+                request_serializer=jitgate_dot_v1_dot_policy__pb2.ListLiveGrantsRequest.SerializeToString,
+                response_deserializer=jitgate_dot_v1_dot_policy__pb2.LiveGrants.FromString,
+                _registered_method=True)
         self.GetGrantKeys = channel.unary_unary(
                 '/jitgate.v1.Policy/GetGrantKeys',
                 request_serializer=jitgate_dot_v1_dot_policy__pb2.GetGrantKeysRequest.SerializeToString,
@@ -101,6 +106,15 @@ class PolicyServicer:
     def RevokeGrants(self, request, context):
         """The operator identity only: revoke one grant, every live grant of a
         subject, or every live grant of a connection. Each is audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLiveGrants(self, request, context):
+        """The operator identity only: the live grants (signed, not expired, not
+        revoked) of one subject, of one connection, or of every connection the
+        policy names, soonest expiry first. Tokens are never returned.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,6 +167,11 @@ def add_PolicyServicer_to_server(servicer, server):
                     servicer.RevokeGrants,
                     request_deserializer=jitgate_dot_v1_dot_policy__pb2.RevokeGrantsRequest.FromString,
                     response_serializer=jitgate_dot_v1_dot_policy__pb2.RevokeGrantsResponse.SerializeToString,
+            ),
+            'ListLiveGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLiveGrants,
+                    request_deserializer=jitgate_dot_v1_dot_policy__pb2.ListLiveGrantsRequest.FromString,
+                    response_serializer=jitgate_dot_v1_dot_policy__pb2.LiveGrants.SerializeToString,
             ),
             'GetGrantKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.GetGrantKeys,
@@ -259,6 +278,33 @@ class Policy:
             '/jitgate.v1.Policy/RevokeGrants',
             jitgate_dot_v1_dot_policy__pb2.RevokeGrantsRequest.SerializeToString,
             jitgate_dot_v1_dot_policy__pb2.RevokeGrantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLiveGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jitgate.v1.Policy/ListLiveGrants',
+            jitgate_dot_v1_dot_policy__pb2.ListLiveGrantsRequest.SerializeToString,
+            jitgate_dot_v1_dot_policy__pb2.LiveGrants.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,11 @@ class PolicyStub:
     """The operator identity only: revoke one grant, every live grant of a
     subject, or every live grant of a connection. Each is audited.
     """
+    ListLiveGrants: _grpc.UnaryUnaryMultiCallable[_policy_pb2.ListLiveGrantsRequest, _policy_pb2.LiveGrants]
+    """The operator identity only: the live grants (signed, not expired, not
+    revoked) of one subject, of one connection, or of every connection the
+    policy names, soonest expiry first. Tokens are never returned.
+    """
     GetGrantKeys: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetGrantKeysRequest, _policy_pb2.GrantKeys]
     """The public keys that verify grant tokens, for the proxy to check grants
     offline: the signing key and any still within their overlap.
@@ -86,6 +91,11 @@ class PolicyAsyncStub(PolicyStub):
     RevokeGrants: _aio.UnaryUnaryMultiCallable[_policy_pb2.RevokeGrantsRequest, _policy_pb2.RevokeGrantsResponse]  # type: ignore[assignment]
     """The operator identity only: revoke one grant, every live grant of a
     subject, or every live grant of a connection. Each is audited.
+    """
+    ListLiveGrants: _aio.UnaryUnaryMultiCallable[_policy_pb2.ListLiveGrantsRequest, _policy_pb2.LiveGrants]  # type: ignore[assignment]
+    """The operator identity only: the live grants (signed, not expired, not
+    revoked) of one subject, of one connection, or of every connection the
+    policy names, soonest expiry first. Tokens are never returned.
     """
     GetGrantKeys: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetGrantKeysRequest, _policy_pb2.GrantKeys]  # type: ignore[assignment]
     """The public keys that verify grant tokens, for the proxy to check grants
@@ -140,6 +150,17 @@ class PolicyServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_policy_pb2.RevokeGrantsResponse, _abc.Awaitable[_policy_pb2.RevokeGrantsResponse]]:
         """The operator identity only: revoke one grant, every live grant of a
         subject, or every live grant of a connection. Each is audited.
+        """
+
+    @_abc_1.abstractmethod
+    def ListLiveGrants(
+        self,
+        request: _policy_pb2.ListLiveGrantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.LiveGrants, _abc.Awaitable[_policy_pb2.LiveGrants]]:
+        """The operator identity only: the live grants (signed, not expired, not
+        revoked) of one subject, of one connection, or of every connection the
+        policy names, soonest expiry first. Tokens are never returned.
         """
 
     @_abc_1.abstractmethod

@@ -110,6 +110,7 @@ RPCS = (
     Rpc("Policy", "Decide", "issuer"),
     Rpc("Policy", "Revoke", "issuer"),
     Rpc("Policy", "RevokeGrants", "operator"),
+    Rpc("Policy", "ListLiveGrants", "operator", examples=15),
     Rpc("Policy", "GetGrantKeys", "proxy", examples=10),
     Rpc("Policy", "Redeem", "proxy"),
     Rpc("Policy", "ReportSession", "proxy"),
@@ -556,6 +557,7 @@ def _base(rpc: Rpc, real: Real) -> Message:
             assertion=real.assertion, grant_id=real.grant_id, reason="fuzz", edge=edge
         ),
         "RevokeGrants": policy_pb2.RevokeGrantsRequest(subject="nobody", reason="fuzz"),
+        "ListLiveGrants": policy_pb2.ListLiveGrantsRequest(connection="orders-replica", limit=5),
         "Redeem": policy_pb2.RedeemRequest(
             grant_token=real.grant_token,
             connection="orders-replica",

@@ -191,8 +191,10 @@ def test_cli_exit_codes_tell_outcomes_apart(stack: Stack) -> None:
     assert _cli(stack, token, "revoke", grant["grant_id"]).returncode == 0
 
 
-def _operator(stack: Stack, *argv: str) -> subprocess.CompletedProcess[str]:
-    files = stack.pki.files("operator")
+def _operator(
+    stack: Stack, *argv: str, action: str = "revoke", who: str = "operator"
+) -> subprocess.CompletedProcess[str]:
+    files = stack.pki.files(who)
     env = {
         **os.environ,
         "JITGATE_TLS_CA": str(files.ca),
@@ -202,7 +204,7 @@ def _operator(stack: Stack, *argv: str) -> subprocess.CompletedProcess[str]:
     }
     env.pop("JITGATE_TOKEN", None)
     return subprocess.run(
-        [sys.executable, "-m", "jitgate", "grant", "revoke", *argv],
+        [sys.executable, "-m", "jitgate", "grant", action, *argv],
         capture_output=True,
         text=True,
         env=env,
@@ -230,6 +232,28 @@ def test_the_operator_revokes_all_grants_of_a_subject(stack: Stack) -> None:
     assert {r.caller for r in audit_records(stack) if r.event.HasField("revocation")} == {
         "spiffe://jitgate/policy"
     }
+
+
+def test_the_operator_lists_live_grants_without_their_tokens(stack: Stack) -> None:
+    token = stack.token("deploy-bot")
+    with _agent(stack, token) as agent:
+        grant = agent.request_grant("orders-replica", ttl_seconds=60)
+        listed = _operator(stack, "--subject", "deploy-bot", "--json", action="live")
+        assert listed.returncode == 0, listed.stderr
+        rows = {row["grant_id"]: row for row in json.loads(listed.stdout)["grants"]}
+        row = rows[grant.grant_id]
+        assert (row["subject"], row["connection"]) == ("deploy-bot", "orders-replica")
+        assert row["expires_at"] == f"{grant.expires_at:%Y-%m-%dT%H:%M:%SZ}"
+        assert grant.token not in listed.stdout
+        text = _operator(stack, "--connection", "orders-replica", action="live")
+        assert text.returncode == 0, text.stderr
+        assert grant.grant_id in text.stdout
+        assert text.stdout.rstrip().endswith("live grant(s)")
+        agent.revoke_grant(grant.grant_id, reason="done")
+        after = _operator(stack, "--subject", "deploy-bot", "--json", action="live")
+        assert grant.grant_id not in after.stdout
+    # Another workload's certificate is refused, as for revocation.
+    assert _operator(stack, action="live", who="issuer").returncode == 3
 
 
 def test_only_the_operator_certificate_may_revoke_in_bulk(stack: Stack) -> None:

@@ -549,6 +549,88 @@ async def test_only_the_operator_revokes_in_bulk(rig: Rig, who: str) -> None:
     assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+# The operator lists live grants: of a subject, a connection, or all of them.
+
+
+async def _operator_list(rig: Rig, **request: object) -> policy_pb2.LiveGrants:
+    async with channel(rig.dev, "operator", rig.port, "policy") as ch:
+        response: policy_pb2.LiveGrants = await policy_pb2_grpc.PolicyStub(ch).ListLiveGrants(
+            policy_pb2.ListLiveGrantsRequest(**request), timeout=5
+        )
+        return response
+
+
+async def test_the_operator_lists_a_subjects_live_grants_soonest_expiry_first(rig: Rig) -> None:
+    subject = f"list-{time.time_ns()}"
+    longer = await _decide(rig, "orders-replica", ttl_seconds=240, assertion=_assertion(subject))
+    shorter = await _decide(rig, "orders-replica", ttl_seconds=120, assertion=_assertion(subject))
+    ssh = await _decide(
+        rig, "ledger-admin", ttl_seconds=180, reason="r", assertion=_assertion(subject)
+    )
+    revoked = await _decide(rig, "orders-replica", ttl_seconds=60, assertion=_assertion(subject))
+    await _operator_revoke(rig, grant_id=revoked.grant_id)
+    await _decide(rig, "orders-replica", assertion=_assertion(f"other-{subject}"))
+    listed = await _operator_list(rig, subject=subject)
+    assert [g.grant_id for g in listed.grants] == [
+        shorter.grant_id,
+        ssh.grant_id,
+        longer.grant_id,
+    ]
+    assert not listed.truncated
+    first = listed.grants[0]
+    assert (first.subject, first.client_id) == (subject, subject)
+    assert (first.connection, first.connection_kind) == ("orders-replica", "postgres")
+    assert first.issued_at == shorter.issued_at
+    assert first.expires_at == shorter.expires_at
+    assert listed.grants[1].connection_kind == "ssh"
+
+
+async def test_the_operator_lists_a_connections_or_every_connections_live_grants(
+    rig: Rig,
+) -> None:
+    subject = f"list-{time.time_ns()}"
+    orders = await _decide(rig, "orders-replica", assertion=_assertion(subject))
+    ledger = await _decide(rig, "ledger-admin", reason="r", assertion=_assertion(subject))
+    by_connection = await _operator_list(rig, connection="ledger-admin")
+    assert ledger.grant_id in [g.grant_id for g in by_connection.grants]
+    assert {g.connection for g in by_connection.grants} == {"ledger-admin"}
+    everything = await _operator_list(rig)
+    assert {orders.grant_id, ledger.grant_id} <= {g.grant_id for g in everything.grants}
+    expiries = [g.expires_at.ToNanoseconds() for g in everything.grants]
+    assert expiries == sorted(expiries)
+
+
+async def test_a_listing_over_its_limit_keeps_the_soonest_and_says_it_is_truncated(
+    rig: Rig,
+) -> None:
+    subject = f"list-{time.time_ns()}"
+    ids = [
+        (await _decide(rig, "orders-replica", ttl_seconds=ttl, assertion=_assertion(subject)))
+        for ttl in (200, 100, 300)
+    ]
+    listed = await _operator_list(rig, subject=subject, limit=2)
+    assert [g.grant_id for g in listed.grants] == [ids[1].grant_id, ids[0].grant_id]
+    assert listed.truncated
+    assert not (await _operator_list(rig, subject=subject, limit=3)).truncated
+
+
+@pytest.mark.parametrize("target", [{"subject": "bad\nname"}, {"connection": "Bad Name"}])
+async def test_a_bad_listing_target_is_invalid_argument(rig: Rig, target: dict[str, str]) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _operator_list(rig, **target)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("who", ["issuer", "proxy", "auditor", "verifier"])
+async def test_only_the_operator_lists_live_grants(rig: Rig, who: str) -> None:
+    async with channel(rig.dev, who, rig.port, "policy") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await policy_pb2_grpc.PolicyStub(ch).ListLiveGrants(
+                policy_pb2.ListLiveGrantsRequest(), timeout=5
+            )
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
 # Redeem and ReportSession: the proxy's only way into the audit log.
 
 
