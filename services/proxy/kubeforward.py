@@ -44,10 +44,19 @@ def _is_watch(query: str, headers: kubehttp.Headers) -> bool:
     return watching and bool(types) and types[0].startswith(b"application/json")
 
 
-def _whole_lines(data: bytes) -> tuple[bytes, bytes]:
-    """Data split after its last newline: (whole lines, the start of the next)."""
+def _whole_lines(held: bytearray, data: bytes) -> bytes:
+    """The whole lines of held + data, to send; held keeps the start of the next.
+
+    Only data is searched, and held is copied only when a line ends: a
+    large event in many small chunks costs time in proportion to its size.
+    """
     end = data.rfind(b"\n") + 1
-    return data[:end], data[end:]
+    if not end:
+        held += data
+        return b""
+    lines = bytes(held) + data[:end]
+    held[:] = data[end:]
+    return lines
 
 
 def _why(exc: BaseException) -> str:
@@ -91,16 +100,19 @@ class Forward:
             with contextlib.suppress(Exception):
                 self.upstream.transport.abort()
         agent = self.agent.writer.transport
-        if self.frames is not None and not agent.is_closing():
+        frames = self.frames
+        if frames is not None and not frames.closed and not agent.is_closing():
             # What the agent has of a WebSocket stream ends at a frame
             # boundary (wsframes.Reframer), so it ends with frames of our own:
             # for exec and attach the Status on channel 3, which kubectl
-            # prints (after finishing a message cut short), then a close frame
-            # with the reason (RFC 6455 §5.5.1) for any client.
+            # prints (after finishing a message cut short; not if the server
+            # sent its own, which client-go would read as one with ours), then
+            # a close frame with the reason (RFC 6455 §5.5.1) for any client.
+            # Once a close was sent, nothing may follow it: the cut is bare.
             message = f"jitgate: the grant has {ended(reason)}"
-            tail = self.frames.end_message()
+            tail = frames.end_message()
             last = tail or b""
-            if self.status_channel and tail is not None:
+            if self.status_channel and tail is not None and not frames.error_channel_used:
                 status = kubehttp.status(401, f"the grant has {ended(reason)}")
                 last += wsframes.frame(wsframes.BINARY, bytes([wsframes.ERROR_CHANNEL]) + status)
             with contextlib.suppress(Exception):
@@ -274,7 +286,7 @@ class Forward:
         )
         self.watch = response.status_code == 200 and _is_watch(query, headers)
         self.boundary = True
-        held = b""  # a watch event's start, kept until its newline: no agent uses half an event
+        held = bytearray()  # a watch event's start, kept until its newline: none uses half
         # A watch or a log stream may carry nothing for minutes: an agent that
         # leaves must not keep its upstream stream open until the grant ends.
         gone = asyncio.create_task(self._agent_gone())
@@ -286,9 +298,10 @@ class Forward:
                     if self.watch:
                         # Whole events only, so a cut can always add one saying why;
                         # one too large to hold goes on as it comes.
-                        data, held = _whole_lines(held + data)
+                        data = _whole_lines(held, data)
                         if len(held) > MAX_HELD_EVENT:
-                            data, held = data + held, b""
+                            data += held
+                            held.clear()
                         if not data:
                             continue
                     stats.bytes_to_client += len(data)
@@ -298,7 +311,8 @@ class Forward:
                 elif isinstance(event, h11.EndOfMessage):
                     if held:  # the API server ended mid-event: the agent gets all it sent
                         stats.bytes_to_client += len(held)
-                        await agent.send(h11.Data(data=held))
+                        self.boundary = False  # no ERROR event may follow half an event
+                        await agent.send(h11.Data(data=bytes(held)))
                     await agent.send(h11.EndOfMessage())
                     return not gone.done()
                 else:
@@ -384,7 +398,10 @@ class Forward:
             response.headers, secret=self.target.token, switching=True
         )
         websocket = kubehttp.upgrades_to_websocket(headers)
-        if websocket and any(name == b"sec-websocket-extensions" for name, _ in headers):
+        # The server's own headers: one its Connection header names is not
+        # relayed, but would still be in use.
+        extension = any(n.lower() == b"sec-websocket-extensions" for n, _ in response.headers)
+        if websocket and extension:
             # None was asked for (kubehttp strips the agent's): RFC 6455 §9.1
             # has a client fail such a handshake, and frames could not be re-cut.
             log.warning(
@@ -414,34 +431,48 @@ class Forward:
             stats.bytes_from_client += len(data)
             return data
 
-        def outbound(data: bytes) -> bytes:
-            """Re-cut a WebSocket stream's frames; count the bytes the agent gets."""
-            if self.cut:
-                return b""  # the grant ended: nothing of the server's after our last frames
-            if self.frames is not None:
-                data = self.frames.feed(data)
-            stats.bytes_to_client += len(data)
-            return data
-
         pumps = [
             asyncio.create_task(_pump(agent.reader, self.upstream, inbound, from_agent)),
-            asyncio.create_task(_pump(reader, agent.writer, outbound, from_server)),
+            asyncio.create_task(_pump(reader, agent.writer, self.outbound, from_server)),
         ]
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for pump in pumps:
                 pump.cancel()
-            results = await asyncio.gather(*pumps, return_exceptions=True)
-        for result in results:
-            if isinstance(result, wsframes.FrameError):
-                log.warning(
-                    "session %s: %s: the API server broke RFC 6455, stream cut: %s",
-                    self.held.session_id,
-                    loggable(request_target),
-                    result,
-                )
+            await asyncio.gather(*pumps, return_exceptions=True)
         return False
+
+    def outbound(self, data: bytes) -> bytes:
+        """What the agent gets of the API server's bytes on a switched stream; counted.
+
+        Nothing once the stream is cut. A WebSocket stream's frames are re-cut;
+        one that breaks RFC 6455 gets what came before the break, then a close
+        frame of ours (1002), and the API server's side is cut.
+        """
+        frames = self.frames
+        if self.cut:
+            return b""  # the grant ended: nothing of the server's after our last frames
+        if frames is not None:
+            data = frames.feed(data)
+            if frames.broken:
+                log.warning(
+                    "session %s: the API server of %s broke RFC 6455, stream cut: %s",
+                    self.held.session_id,
+                    self.target.name,
+                    frames.broken,
+                )
+                self.cut = True
+                if not frames.closed:
+                    frames.closed = True
+                    data += wsframes.close(
+                        "jitgate: the API server's stream broke the WebSocket protocol",
+                        wsframes.PROTOCOL_ERROR,
+                    )
+                if self.upstream is not None:
+                    self.upstream.transport.abort()
+        self.held.stats.bytes_to_client += len(data)
+        return data
 
 
 async def _pump(

@@ -53,6 +53,10 @@ _LOGGED = {
 
 def refusal(exc: JitgateError) -> Refusal:
     """How a failed check or redemption is put to the agent, whatever the session's kind."""
+    if isinstance(exc, Unauthenticated) and exc.check == "upstream":
+        # The core zone refused the proxy's own identity (status.from_rpc_error):
+        # jitgate's fault, not the grant's, and worth a warning.
+        return Refusal(outcome="unavailable", message=UNAVAILABLE, level=logging.WARNING)
     if isinstance(exc, Unauthenticated | InvalidArgument | NotFound):
         # The reason (expired, signature, format, …) is the operator's; the
         # agent learns only whether asking for a new grant would help.

@@ -26,6 +26,8 @@ _RSV = 0x70
 _MASKED = 0x80
 POLICY_VIOLATION = 1008
 """RFC 6455 §7.4.1: the endpoint ends the connection because a policy says so."""
+PROTOCOL_ERROR = 1002
+"""RFC 6455 §7.4.1: the endpoint ends the connection because of a protocol error."""
 ERROR_CHANNEL = 3
 """The exec/attach stream channel carrying the final Status (Kubernetes' channel protocol)."""
 _MAX_REASON = 123  # a close frame's payload is at most 125 bytes (RFC 6455 §5.5)
@@ -51,28 +53,43 @@ class Reframer:
         """Payload bytes of the current data frame already sent on."""
         self._opcode = BINARY
         """The opcode of the message being relayed (a continuation names none)."""
+        self._channel_pending = False
+        """The message's first payload byte (its channel, for Kubernetes) is still to come."""
         self.in_message = False
         """What was sent ends inside a data message: its final fragment is still to come."""
+        self.closed = False
+        """A close frame was sent (the server's): nothing may follow it (RFC 6455 §5.5.1)."""
+        self.error_channel_used = False
+        """A binary message on channel 3 was sent: the exec Status channel holds the server's."""
+        self.broken = ""
+        """Why the server's stream broke RFC 6455; what came before it was sent, nothing after."""
 
     def feed(self, data: bytes) -> bytes:
         """The bytes to send the agent for data from the server: whole frames only."""
         out: list[bytes | memoryview] = []
         view = memoryview(data)
-        while view:
-            if self._left:
-                piece = view[: self._left]
-                view = view[len(piece) :]
-                self._left -= len(piece)
-                out.append(self._fragment(piece))
-            elif not self._held and (whole := self._whole(view)):
-                out.append(view[:whole])  # a whole frame, as it came: most frames are
-                view = view[whole:]
-            else:
-                view = self._take_head(view, out)
+        try:
+            while view and not self.broken:
+                if self._left:
+                    piece = view[: self._left]
+                    view = view[len(piece) :]
+                    self._left -= len(piece)
+                    out.append(self._fragment(piece))
+                elif not self._held and (whole := self._whole(view)):
+                    out.append(view[:whole])  # whole frames, as they came: most frames are
+                    view = view[whole:]
+                else:
+                    view = self._take_head(view, out)
+        except FrameError as exc:
+            self.broken = str(exc)
         return b"".join(out)
 
     def _whole(self, view: memoryview) -> int:
-        """The length of the whole unmasked frames view starts with, each checked; 0 if none."""
+        """The length of the whole unmasked frames view starts with, each checked; 0 if none.
+
+        A frame that breaks RFC 6455 ends the run (and sets broken): the frames
+        before it are still sent.
+        """
         at, end = 0, len(view)
         while end - at >= 2:
             first, size = view[at], view[at + 1]
@@ -85,15 +102,22 @@ class Reframer:
                 head, size = 10, int.from_bytes(view[at + 2 : at + 10], "big")
             if end - at < head + size:
                 break
-            if first != _FIN | BINARY or self.in_message:  # all but the common case
-                self._check(first, size)
-                if not first & 0x08:
-                    self.in_message = not first & _FIN
+            if first == _FIN | BINARY and not self.in_message:  # the common case, checked fast
+                self._opcode, self._channel_pending = BINARY, True
+            else:
+                try:
+                    self._check(first, size)
+                except FrameError as exc:
+                    self.broken = str(exc)
+                    break
+                self._note(first)
+            if self._channel_pending and size and not first & 0x08:
+                self._channel(view[at + head])
             at += head + size
         return at
 
     def _check(self, first: int, size: int) -> None:
-        """Refuse what RFC 6455 forbids; note the opcode of a message that begins."""
+        """Refuse what RFC 6455 forbids, changing nothing; else note a message that begins."""
         opcode = first & 0x0F
         if opcode & 0x08:  # a control frame: never fragmented, at most 125 bytes (§5.5)
             if size > _MAX_CONTROL or not first & _FIN:
@@ -101,9 +125,22 @@ class Reframer:
         elif opcode != CONTINUATION:
             if self.in_message:
                 raise FrameError("a new message began before the last one ended")
-            self._opcode = opcode
+            self._opcode, self._channel_pending = opcode, True
         elif not self.in_message:
             raise FrameError("a continuation frame outside any message")
+
+    def _note(self, first: int) -> None:
+        """Note what a frame sent whole changes: a close, or a message's end."""
+        if first & 0x08:
+            self.closed = self.closed or first & 0x0F == CLOSE
+        else:
+            self.in_message = not first & _FIN
+
+    def _channel(self, channel: int) -> None:
+        """Note a message's first payload byte: in Kubernetes' channel protocols, its channel."""
+        self._channel_pending = False
+        if self._opcode == BINARY and channel == ERROR_CHANNEL:
+            self.error_channel_used = True
 
     def _take_head(self, view: memoryview, out: list[bytes | memoryview]) -> memoryview:
         """Hold head bytes until a frame head (or a whole control frame) is in; send what is due."""
@@ -117,15 +154,17 @@ class Reframer:
             needed = _head_length(self._held)
         head = bytes(self._held)
         first, size = head[0], _payload_length(head)
-        self._check(first, size)
         if first & 0x08:  # a control frame is held whole, then sent as it came
+            self._check(first, size)
             rest = size - (len(self._held) - needed)
             self._held += view[:rest]
             view = view[rest:]
             if len(self._held) == needed + size:
                 out.append(bytes(self._held))
                 self._held.clear()
+                self._note(first)
             return view
+        self._check(first, size)
         self._held.clear()
         self._first, self._left, self._sent = first, size, 0
         self._mask = head[needed - 4 : needed] if head[1] & _MASKED else None
@@ -145,6 +184,9 @@ class Reframer:
             # turned so each piece unmasks as the whole frame would have.
             turn = self._sent % 4
             mask = self._mask[turn:] + self._mask[:turn]
+        if self._channel_pending and payload:
+            first_byte = payload[0] ^ mask[0] if mask is not None else payload[0]
+            self._channel(first_byte)
         self._sent += len(payload)
         self.in_message = not fin
         return _head(fin | rsv | opcode, len(payload), mask) + payload

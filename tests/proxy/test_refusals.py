@@ -36,6 +36,12 @@ from jitgate.proxy.refusals import refusal
             logging.WARNING,
         ),
         (JitgateError("?"), "failed", "grant refused", logging.WARNING),
+        (
+            Unauthenticated("upstream", "policy: the caller's certificate was refused"),
+            "unavailable",
+            "cannot redeem grants right now; retry",
+            logging.WARNING,
+        ),
     ],
 )
 def test_a_refusal_tells_the_agent_only_whether_asking_again_helps(

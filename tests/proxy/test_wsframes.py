@@ -165,17 +165,77 @@ def test_a_control_frame_is_held_until_whole() -> None:
 
 
 @pytest.mark.parametrize(
-    "data",
+    "bad",
     [
         build(PING | 0x80, b"x" * 126),  # a control frame over 125 bytes (RFC 6455 §5.5)
         build(PING, b"x"),  # a fragmented control frame
         build(0x80, b"x"),  # a continuation with no message to continue
-        build(0x02, b"x") + build(0x82, b"y"),  # a new message before the last one ended
+        build(0x82, b"z") + build(0x02, b"x") + build(0x82, b"y"),  # a message in a message
     ],
 )
-def test_a_stream_that_breaks_rfc_6455_is_refused(data: bytes) -> None:
-    with pytest.raises(wsframes.FrameError):
-        wsframes.Reframer().feed(data)
+@pytest.mark.parametrize("chunk", [1, 1 << 20])
+def test_a_stream_that_breaks_rfc_6455_is_sent_up_to_the_break_and_no_further(
+    bad: bytes, chunk: int
+) -> None:
+    data = wsframes.frame(wsframes.BINARY, b"before") + bad + wsframes.frame(wsframes.BINARY, b"!")
+    reframer = wsframes.Reframer()
+    sent = b"".join(reframer.feed(data[i : i + chunk]) for i in range(0, len(data), chunk))
+    assert reframer.broken
+    tail = reframer.end_message()
+    assert tail is not None
+    assert messages(parse(sent + tail))[0] == (wsframes.BINARY, b"before")
+    assert b"!" not in sent
+    assert reframer.feed(wsframes.frame(wsframes.BINARY, b"more")) == b""
+
+
+@pytest.mark.parametrize("chunk", [1, 1 << 20])
+def test_the_state_after_a_break_describes_what_was_sent(chunk: int) -> None:
+    # The first fragment is sent; the new message inside it is refused. The
+    # message that is open is the one sent, and it can be ended cleanly.
+    data = build(0x02, b"x") + build(0x82, b"y")
+    reframer = wsframes.Reframer()
+    sent = b"".join(reframer.feed(data[i : i + chunk]) for i in range(0, len(data), chunk))
+    assert reframer.broken
+    assert reframer.in_message
+    tail = reframer.end_message()
+    assert tail is not None
+    assert messages(parse(sent + tail)) == [(wsframes.BINARY, b"x")]
+
+
+def test_a_close_frame_sent_on_is_noted() -> None:
+    reframer = wsframes.Reframer()
+    close = wsframes.close("bye", 1000)
+    assert reframer.feed(close[:3]) == b""
+    assert not reframer.closed
+    assert reframer.feed(close[3:]) == close
+    assert reframer.closed
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1 << 20])
+@pytest.mark.parametrize(
+    ("messages_sent", "used"),
+    [
+        ([b"\x01out", b"\x02err"], False),
+        ([b"\x01out", b'\x03{"status":"Success"}'], True),
+        ([b"", b"\x03"], True),  # an empty message carries no channel; the next one does
+    ],
+)
+def test_a_message_on_the_error_channel_is_noted(
+    messages_sent: list[bytes], used: bool, chunk: int
+) -> None:
+    # Kubernetes' channel protocols: a binary message's first byte is its channel,
+    # and channel 3 carries exec's final Status, which must not get a second one.
+    data = b"".join(wsframes.frame(wsframes.BINARY, m) for m in messages_sent)
+    reframer = wsframes.Reframer()
+    for i in range(0, len(data), chunk):
+        reframer.feed(data[i : i + chunk])
+    assert reframer.error_channel_used is used
+
+
+def test_a_text_message_starting_with_3_is_no_channel() -> None:
+    reframer = wsframes.Reframer()
+    reframer.feed(wsframes.frame(wsframes.TEXT, b"\x03"))
+    assert not reframer.error_channel_used
 
 
 @pytest.mark.parametrize("size", SIZES)
