@@ -99,10 +99,11 @@ def register(verbs: Any) -> None:
     revoke.set_defaults(func=run)
     live = sub.add_parser(
         "live",
-        help="the operator: every live grant, or a subject's or a connection's",
+        help="the operator: the live grants of every connection, a subject or a connection",
         description="The operator (JITGATE_TLS_* naming the operator certificate) lists live"
         " grants through the policy service, soonest expiry first: of --subject, of"
-        " --connection, or of every connection the policy names. Tokens are never shown.",
+        " --connection (any name, also one the policy no longer names), or of every"
+        " connection the policy names. Tokens are never shown.",
     )
     scope = live.add_mutually_exclusive_group()
     scope.add_argument("--subject", help="only this subject's grants")
@@ -324,9 +325,10 @@ def list_live(args: argparse.Namespace) -> int:
     """The operator's listing of live grants; exit 3 for a certificate policy does not admit."""
     if not 0 <= args.limit <= 1000:
         raise ConfigError("--limit must be between 0 and 1000")
-    if args.subject:
+    # `is not None`: an empty --subject "$UNSET" must be refused, never read as "everything".
+    if args.subject is not None:
         request = policy_pb2.ListLiveGrantsRequest(subject=args.subject, limit=args.limit)
-    elif args.connection:
+    elif args.connection is not None:
         request = policy_pb2.ListLiveGrantsRequest(connection=args.connection, limit=args.limit)
     else:
         request = policy_pb2.ListLiveGrantsRequest(limit=args.limit)

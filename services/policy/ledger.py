@@ -165,33 +165,56 @@ class Ledger:
         now: float,
         count: int,
     ) -> list[tuple[str, float]]:
-        """Up to count live grants of each subject and connection: (id, expiry), soonest first.
+        """The count live grants of the subjects' and connections' indexes expiring soonest.
 
-        One round trip for all of them. A grant found twice (by its subject
-        and its connection) is listed once.
+        (id, expiry) pairs, soonest first. The indexes are read a page at a
+        time, one round trip per round, and an index is read further only
+        while its last entry could still be among the soonest: the work
+        follows count, not the number of indexes times count.
         """
         keys = [subject_index_key(s) for s in subjects]
         keys += [connection_index_key(c) for c in connections]
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.zrangebyscore(key, f"({_ms(now)}", "+inf", 0, count, withscores=True)
-                rows = await pipe.execute()
-        except RedisError as exc:
-            raise Unavailable("redis", str(exc)) from exc
-        found = {_text(i): score / 1000 for row in rows for i, score in row}
-        return sorted(found.items(), key=lambda pair: (pair[1], pair[0]))
+        page = min(count, max(16, -(-count // max(1, len(keys)))))
+        offsets = dict.fromkeys(keys, 0)
+        found: dict[str, float] = {}
+        pending = keys
+        while pending:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for key in pending:
+                        low = f"({_ms(now)}"
+                        pipe.zrangebyscore(key, low, "+inf", offsets[key], page, withscores=True)
+                    rows = await pipe.execute()
+            except RedisError as exc:
+                raise Unavailable("redis", str(exc)) from exc
+            full: list[tuple[str, float]] = []
+            for key, row in zip(pending, rows, strict=True):
+                for grant_id, score in row:
+                    found[_text(grant_id)] = score / 1000
+                offsets[key] += len(row)
+                if len(row) == page:  # there may be more in this index
+                    full.append((key, row[-1][1] / 1000))
+            ranked = sorted(found.values())
+            bar = ranked[count - 1] if len(ranked) >= count else float("inf")
+            pending = [key for key, last in full if last <= bar]
+        return sorted(found.items(), key=lambda pair: (pair[1], pair[0]))[:count]
 
     async def records(self, ids: Sequence[str]) -> list[GrantRecord]:
-        """The grants as signed, in the order of ids, less any gone since; one round trip."""
+        """The grants as signed, in the order of ids, less any gone or revoked; one round trip.
+
+        The revocation marker is read too: a grant is out of the live indexes
+        once revoked, but one revoked between reading them and this is not.
+        """
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for grant_id in ids:
                     pipe.hgetall(issued_key(grant_id))
+                    pipe.get(revoked_key(grant_id))
                 rows = await pipe.execute()
         except RedisError as exc:
             raise Unavailable("redis", str(exc)) from exc
-        return [r for r in (GrantRecord.from_hash(row) for row in rows if row) if r is not None]
+        live = (fields for fields, marker in zip(rows[::2], rows[1::2], strict=True) if not marker)
+        return [r for r in (GrantRecord.from_hash(f) for f in live if f) if r is not None]
 
     async def issued(self, grant_id: str) -> GrantRecord | None:
         """Return the grant as the policy service signed it, or None."""

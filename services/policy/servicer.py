@@ -55,7 +55,7 @@ ACL = {
 }
 
 MAX_LISTED = 1000
-"""Live grants in one ListLiveGrants answer, at most (about 200 KB)."""
+"""Live grants in one ListLiveGrants answer, at most (under 1 MB)."""
 
 GRANT_INVALID = "GRANT_INVALID"
 GRANT_EXPIRED = "GRANT_EXPIRED"

@@ -75,3 +75,31 @@ async def test_a_write_that_arrives_after_its_deadline_writes_nothing(
     assert not redis_admin.exists(grants.issued_key(late.grant_id))
     assert not redis_admin.exists(grants.subject_index_key(late.subject))
     await ledger.close()
+
+
+@pytest.mark.parametrize("count", [1, 5, 17, 40, 200])
+async def test_the_soonest_across_many_indexes_are_found_page_by_page(
+    redis_server: RedisServer, redis_admin: redis.Redis, count: int
+) -> None:
+    # Six connection indexes of uneven size and interleaved expiries: pages of
+    # 16 or fewer, so an index is read over several rounds, and only while it
+    # can still hold one of the soonest. The answer is the brute-force one.
+    ledger = Ledger(redisconn.connect(redis_server.url("policy")))
+    now = time.time()
+    run = f"{time.time_ns()}"
+    names = [f"soonest-{run}-{n}" for n in range(6)]
+    every: list[tuple[str, float]] = []
+    for n, name in enumerate(names):
+        entries = {f"{run}-{n}-{i}": now + 10 + (i * 7 + n * 3) % 97 + n / 10 for i in range(n * 9)}
+        if n == 5:  # the largest index also holds every one of the very soonest
+            entries = {f"{run}-5-{i}": now + 1 + i / 100 for i in range(n * 9)}
+        if entries:
+            redis_admin.zadd(
+                grants.connection_index_key(name), {k: int(v * 1000) for k, v in entries.items()}
+            )
+        every += [(k, int(v * 1000) / 1000) for k, v in entries.items()]
+    expired = f"{run}-expired"  # at or before now: never among the live
+    redis_admin.zadd(grants.connection_index_key(names[1]), {expired: int(now * 1000) - 1})
+    found = await ledger.soonest(connections=names, now=now, count=count)
+    assert found == sorted(every, key=lambda pair: (pair[1], pair[0]))[:count]
+    await ledger.close()

@@ -614,6 +614,45 @@ async def test_a_listing_over_its_limit_keeps_the_soonest_and_says_it_is_truncat
     assert not (await _operator_list(rig, subject=subject, limit=3)).truncated
 
 
+async def test_every_connections_listing_keeps_the_soonest_across_indexes(rig: Rig) -> None:
+    # Two connection indexes, more grants than the limit: the soonest of both,
+    # merged, as if they were one list (other tests' grants are there too).
+    subject = f"list-{time.time_ns()}"
+    decided = [
+        await _decide(rig, "orders-replica", ttl_seconds=ttl, assertion=_assertion(subject))
+        for ttl in (40, 60, 80)
+    ] + [
+        await _decide(
+            rig, "ledger-admin", ttl_seconds=ttl, reason="r", assertion=_assertion(subject)
+        )
+        for ttl in (50, 70)
+    ]
+    everything = await _operator_list(rig)
+    assert not everything.truncated  # this module's Redis holds far fewer than 1,000
+    expected = sorted(everything.grants, key=lambda g: (g.expires_at.ToNanoseconds(), g.grant_id))
+    assert list(everything.grants) == expected
+    mine = [g.grant_id for g in everything.grants if g.subject == subject]
+    by_expiry = sorted(decided, key=lambda d: d.expires_at.ToNanoseconds())
+    assert mine == [d.grant_id for d in by_expiry]
+    first = await _operator_list(rig, limit=len(everything.grants) - 1)
+    assert first.truncated
+    assert list(first.grants) == expected[:-1]
+    assert not (await _operator_list(rig, limit=len(everything.grants))).truncated
+
+
+async def test_a_revoked_grant_still_in_an_index_is_not_listed(
+    rig: Rig, redis_admin: redis.Redis
+) -> None:
+    # As a revocation racing the listing would leave it (or one made before
+    # revocations took grants out of the indexes).
+    subject = f"list-{time.time_ns()}"
+    decision = await _decide(rig, "orders-replica", assertion=_assertion(subject))
+    await _operator_revoke(rig, grant_id=decision.grant_id)
+    expiry_ms = decision.expires_at.ToMilliseconds()
+    redis_admin.zadd(grants.subject_index_key(subject), {decision.grant_id: expiry_ms})
+    assert not (await _operator_list(rig, subject=subject)).grants
+
+
 @pytest.mark.parametrize("target", [{"subject": "bad\nname"}, {"connection": "Bad Name"}])
 async def test_a_bad_listing_target_is_invalid_argument(rig: Rig, target: dict[str, str]) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
