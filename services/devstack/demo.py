@@ -28,7 +28,7 @@ from jitgate.client import Denied, Grant, IssuerClient, Unauthenticated
 from jitgate.common import tls
 from jitgate.devstack import idp
 from jitgate.devstack.stack import SSH_CONNECTION, Stack
-from jitgate.v1 import audit_pb2, audit_pb2_grpc
+from jitgate.v1 import audit_pb2, audit_pb2_grpc, policy_pb2, policy_pb2_grpc
 
 AGENT = "deploy-bot"
 SSH_AGENT = "ops-bot"
@@ -58,6 +58,17 @@ def _audit_kinds(stack: Stack) -> Counter[str]:
             audit_pb2.ReadRequest(from_index=0), timeout=5
         )
         return Counter(str(r.event.WhichOneof("kind")) for r in records)
+
+
+def _operator_view(stack: Stack, connection: str) -> list[policy_pb2.LiveGrant]:
+    """The live grants of connection, as the operator lists them (`jitgate grant live`)."""
+    credentials = tls.channel_credentials(stack.pki.files("operator"))
+    options = [("grpc.ssl_target_name_override", "policy")]
+    with grpc.secure_channel(stack.address("policy"), credentials, options=options) as channel:
+        listed = policy_pb2_grpc.PolicyStub(channel).ListLiveGrants(
+            policy_pb2.ListLiveGrantsRequest(connection=connection), timeout=5
+        )
+        return list(listed.grants)
 
 
 def _scope(grant: Grant) -> str:
@@ -207,6 +218,13 @@ def _steps(stack: Stack, say: Say) -> None:
             say(f"[7/9] {AGENT} lists its grants: {[g.grant_id for g in live]}")
             if [g.grant_id for g in live] != [grant.grant_id]:
                 raise DemoFailed("the live grant is not listed")
+            seen = _operator_view(stack, "orders-replica")
+            shown = [
+                f"{g.grant_id[:8]}… {g.subject} until {g.expires_at.ToJsonString()}" for g in seen
+            ]
+            say(f"      the operator's view (jitgate grant live): {shown}")
+            if [g.grant_id for g in seen] != [grant.grant_id]:
+                raise DemoFailed("the operator does not see the live grant")
             agent.revoke_grant(grant.grant_id, reason="done investigating")
             revoked_at = time.monotonic()
             after = agent.list_grants()

@@ -74,6 +74,8 @@ def test_demo_walks_the_whole_path_and_leaves_nothing_running(tmp_path: Path) ->
         "INSERT -> REFUSED 25006",
         "DENIED   NO_BINDING",
         "REJECTED UNAUTHENTICATED",
+        "the operator's view (jitgate grant live): [",
+        "… deploy-bot until",
         "live grants now: []",
         "next query fails: 'jitgate: grant revoked'",
         "SSH key never left the proxy",
