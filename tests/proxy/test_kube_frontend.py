@@ -740,27 +740,36 @@ async def test_a_path_prefix_of_the_server_url_comes_before_every_path(
     assert [s.path for s in kubeapi.seen[before:]] == ["/prefix/k8s/version"]
 
 
+@contextlib.asynccontextmanager
+async def _half_event_watch(
+    rig: Rig, kubeapi: KubeApi, until: bytes
+) -> AsyncIterator[tuple[Client, bytearray]]:
+    """A watch whose API server sends an event and half another; the body read until `until`."""
+    kubeapi.half_event = True
+    watch = await Client.open(rig)
+    body = bytearray()
+    try:
+        watch.write(get("/connections/payments/api/v1/namespaces/payments/pods?watch=true"))
+        assert await watch.head() == 200
+        while until not in body:
+            event = await asyncio.wait_for(watch.event(), 10)
+            assert isinstance(event, h11.Data)
+            body += event.data
+        yield watch, body
+    finally:
+        kubeapi.half_event = False
+        watch.close()
+
+
 async def test_revoking_a_watch_mid_event_ends_it_with_whole_events_and_why(
     rig: Rig, kubeapi: KubeApi
 ) -> None:
     """Half an event is held until its newline, so the cut can still add the ERROR event."""
-    kubeapi.half_event = True
-    watch = await Client.open(rig)
-    body = b""
-    try:
-        watch.write(get("/connections/payments/api/v1/namespaces/payments/pods?watch=true"))
-        assert await watch.head() == 200
-        while b"\n" not in body:
-            event = await asyncio.wait_for(watch.event(), 10)
-            assert isinstance(event, h11.Data)
-            body += event.data
+    async with _half_event_watch(rig, kubeapi, b"\n") as (watch, body):
         assert rig.registry.revoke(GRANT_ID) == 1
         while not isinstance(event := await asyncio.wait_for(watch.event(), 5), h11.EndOfMessage):
             assert isinstance(event, h11.Data)
             body += event.data
-    finally:
-        kubeapi.half_event = False
-        watch.close()
     events = [json.loads(line) for line in body.splitlines()]  # whole lines only
     assert [e["type"] for e in events] == ["ADDED", "ERROR"]
     assert events[1]["object"]["message"] == "jitgate: the grant has been revoked"
@@ -777,20 +786,8 @@ async def test_an_event_too_large_to_hold_goes_on_as_it_comes(
 ) -> None:
     """Past MAX_HELD_EVENT the proxy's memory wins: the half event is sent, the cut is bare."""
     monkeypatch.setattr(kubeforward, "MAX_HELD_EVENT", 16)
-    kubeapi.half_event = True
-    watch = await Client.open(rig)
-    body = b""
-    try:
-        watch.write(get("/connections/payments/api/v1/namespaces/payments/pods?watch=true"))
-        assert await watch.head() == 200
-        while b'"MODIFIED"' not in body:
-            event = await asyncio.wait_for(watch.event(), 10)
-            assert isinstance(event, h11.Data)
-            body += event.data
+    async with _half_event_watch(rig, kubeapi, b'"MODIFIED"') as (watch, body):
         assert rig.registry.revoke(GRANT_ID) == 1
         with pytest.raises(h11.RemoteProtocolError):  # cut mid-body: no ERROR event can follow
             await asyncio.wait_for(_drain(watch), 5)
-    finally:
-        kubeapi.half_event = False
-        watch.close()
     assert not body.endswith(b"\n")
