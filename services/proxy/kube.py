@@ -30,6 +30,7 @@ from jitgate.proxy.config import KubeTarget
 from jitgate.proxy.gate import Gate
 from jitgate.proxy.kubeforward import CHUNK, Forward, loggable, upstream_context
 from jitgate.proxy.kubegrants import Grants, Held, Refused, ended
+from jitgate.proxy.tlslisten import TlsListener
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ MAX_CONNECTIONS = 512
 """Agent connections open at once (counted from the TLS handshake); more get a 503 and close."""
 MAX_CONNECTIONS_PER_IP = 64
 """Agent connections open at once from one client address."""
+MAX_HANDSHAKES = 64
+"""TLS handshakes in progress at once (as OpenSSH's MaxStartups); more are closed at accept."""
+MAX_HANDSHAKES_PER_IP = 16
+"""TLS handshakes in progress at once from one client address."""
 MAX_IN_FLIGHT = 64
 """Requests of one grant in flight at once (watches and exec streams too); more get 429."""
 
@@ -61,6 +66,8 @@ class Limits:
     body_timeout: float = BODY_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
     max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP
+    max_handshakes: int = MAX_HANDSHAKES
+    max_handshakes_per_ip: int = MAX_HANDSHAKES_PER_IP
     max_in_flight: int = MAX_IN_FLIGHT
 
 
@@ -236,10 +243,16 @@ class KubeFrontend:
         self.targets = dict(targets)
         self.grants = Grants(gate)
         self.limits = limits
-        self._tls = tls
         self._listen = listen
         self._contexts = {name: upstream_tls(t) for name, t in self.targets.items()}
-        self._server: asyncio.Server | None = None
+        self._listener = TlsListener(
+            name="kubernetes",
+            listen=listen,
+            tls=tls,
+            handshake_timeout=limits.handshake_timeout,
+            handshakes=Tally(total=limits.max_handshakes, per_key=limits.max_handshakes_per_ip),
+            connected=self._accept,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._open = Tally(
             total=self.limits.max_connections, per_key=self.limits.max_connections_per_ip
@@ -254,9 +267,7 @@ class KubeFrontend:
     @property
     def port(self) -> int:
         """The port listened on."""
-        assert self._server is not None
-        bound: int = self._server.sockets[0].getsockname()[1]
-        return bound
+        return self._listener.port
 
     @property
     def connections(self) -> int:
@@ -265,14 +276,8 @@ class KubeFrontend:
 
     async def start(self) -> str:
         """Listen; return host:port."""
-        host, _, port = self._listen.rpartition(":")
-        self._server = await asyncio.start_server(
-            self._accept,
-            host.strip("[]"),
-            int(port),
-            ssl=self._tls,
-            ssl_handshake_timeout=self.limits.handshake_timeout,
-        )
+        await self._listener.start()
+        host, _, _ = self._listen.rpartition(":")
         return f"{host}:{self.port} (kubernetes: {', '.join(sorted(self.targets))})"
 
     def _admit(self, address: str) -> bool:
@@ -340,12 +345,8 @@ class KubeFrontend:
 
     async def stop(self) -> None:
         """Stop listening, cut every request and end every hold."""
-        if self._server is not None:
-            self._server.close()
+        await self._listener.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.grants.stop()
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)

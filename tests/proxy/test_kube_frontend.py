@@ -791,3 +791,30 @@ async def test_an_event_too_large_to_hold_goes_on_as_it_comes(
         with pytest.raises(h11.RemoteProtocolError):  # cut mid-body: no ERROR event can follow
             await asyncio.wait_for(_drain(watch), 5)
     assert not body.endswith(b"\n")
+
+
+@pytest.mark.parametrize("limits", [Limits(max_handshakes=1)], indirect=True)
+async def test_a_tls_handshake_flood_is_closed_at_accept_past_the_cap(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Handshakes in progress are counted from accept, as OpenSSH's MaxStartups."""
+    _, silent = await asyncio.open_connection("127.0.0.1", rig.port)  # never says hello
+    try:
+        for _ in range(200):  # until the front end has counted it
+            if rig.front._listener.handshakes.total == 1:
+                break
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert time.monotonic() - started < 1.0  # not the 10 s handshake deadline
+        writer.close()
+        assert "TLS handshakes in progress" in caplog.text
+    finally:
+        silent.close()
+    for _ in range(200):
+        if rig.front._listener.handshakes.total == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert (await send(rig, get("/connections/payments/version"))).status == 200

@@ -1,0 +1,146 @@
+"""A TLS listener that counts handshakes in progress and refuses past a cap before any TLS.
+
+asyncio's TLS servers start each handshake inside the event loop's accept,
+where nothing can count it first: a flood of connections that never finish
+their handshake would each hold a socket and the loop's time for the whole
+handshake deadline. Here the accept is ours (loop.sock_accept): a new
+connection is counted, or closed at once over the cap (as OpenSSH's
+MaxStartups does), before its handshake starts (loop.connect_accepted_socket,
+which works the same under asyncio and uvloop; a server-side start_tls after
+a plain accept does not under uvloop 0.23).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+
+from jitgate.proxy.caps import Tally, Throttle
+
+log = logging.getLogger(__name__)
+
+BACKLOG = 128
+"""Connections the kernel queues before our accept takes them."""
+ACCEPT_RETRY = 0.1
+"""Seconds to wait after a failed accept (out of file descriptors): no busy loop."""
+
+Connected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]
+
+
+class TlsListener:
+    """Accepts TCP, counts each TLS handshake in progress by client address, hands on streams."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        listen: str,
+        tls: ssl.SSLContext,
+        handshake_timeout: float,
+        handshakes: Tally,
+        connected: Connected,
+    ) -> None:
+        self.name = name
+        self._listen = listen
+        self._tls = tls
+        self._timeout = handshake_timeout
+        self.handshakes = handshakes
+        """TLS handshakes in progress, by client address."""
+        self._connected = connected
+        self._socket: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._refusals = Throttle(log)
+
+    @property
+    def port(self) -> int:
+        """The port listened on."""
+        assert self._socket is not None
+        bound: int = self._socket.getsockname()[1]
+        return bound
+
+    async def start(self) -> None:
+        """Bind host:port (the first address it resolves to) and start accepting."""
+        host, _, port = self._listen.rpartition(":")
+        loop = asyncio.get_running_loop()
+        family, kind, proto, _, address = (
+            await loop.getaddrinfo(
+                host.strip("[]") or None,
+                int(port),
+                type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE,
+            )
+        )[0]
+        listener = socket.socket(family, kind, proto)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+            listener.listen(BACKLOG)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self._socket = listener
+        self._acceptor = loop.create_task(self._accept_loop(listener))
+
+    async def stop(self) -> None:
+        """Stop accepting and abandon the handshakes in progress."""
+        tasks = [t for t in (self._acceptor, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._socket is not None:
+            self._socket.close()
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        """Take each new connection: count its handshake and start it, or close it over the cap."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(listener)
+            except OSError as exc:
+                self._refusals.warning("%s: accept failed: %s", self.name, exc)
+                await asyncio.sleep(ACCEPT_RETRY)
+                continue
+            address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+            if not self.handshakes.take(address):
+                conn.close()  # before any TLS: no handshake is spent on it
+                self._refusals.warning(
+                    "%s: closed a new connection from %s at once: %d TLS handshakes in"
+                    " progress, %d from it",
+                    self.name,
+                    address,
+                    self.handshakes.total,
+                    self.handshakes[address],
+                )
+                continue
+            task = loop.create_task(self._handshake(conn, address))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handshake(self, conn: socket.socket, address: str) -> None:
+        """Run the TLS handshake within its deadline, then hand the streams on; uncount it."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=self._tls, ssl_handshake_timeout=self._timeout
+            )
+        except Exception as exc:  # any failure is the handshake's: scanners, bad TLS
+            log.debug("%s: TLS handshake with %s failed: %s", self.name, address, exc)
+            conn.close()
+            return
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        finally:
+            self.handshakes.give_back(address)
+        try:
+            self._connected(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
+        except Exception:
+            log.exception("%s: serving a connection from %s failed", self.name, address)
+            transport.abort()
