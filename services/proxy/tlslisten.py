@@ -50,50 +50,60 @@ class TlsListener:
         self.handshakes = handshakes
         """TLS handshakes in progress, by client address."""
         self._connected = connected
-        self._socket: socket.socket | None = None
-        self._acceptor: asyncio.Task[None] | None = None
+        self._sockets: list[socket.socket] = []
+        self._acceptors: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._refusals = Throttle(log)
+        self._accept_errors = Throttle(log)
 
     @property
     def port(self) -> int:
-        """The port listened on."""
-        assert self._socket is not None
-        bound: int = self._socket.getsockname()[1]
+        """The port listened on (the first address's, if the host has several)."""
+        bound: int = self._sockets[0].getsockname()[1]
         return bound
 
     async def start(self) -> None:
-        """Bind host:port (the first address it resolves to) and start accepting."""
+        """Bind every address host:port resolves to, as asyncio's servers do, and accept on each."""
         host, _, port = self._listen.rpartition(":")
         loop = asyncio.get_running_loop()
-        family, kind, proto, _, address = (
-            await loop.getaddrinfo(
-                host.strip("[]") or None,
-                int(port),
-                type=socket.SOCK_STREAM,
-                flags=socket.AI_PASSIVE,
-            )
-        )[0]
-        listener = socket.socket(family, kind, proto)
+        found = await loop.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
         try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(address)
-            listener.listen(BACKLOG)
-            listener.setblocking(False)
+            for family, kind, proto, _, address in dict.fromkeys(found):
+                listener = socket.socket(family, kind, proto)
+                self._sockets.append(listener)
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    # IPv6 only, as asyncio's servers: an IPv4 client is the IPv4
+                    # socket's, counted under its own address, not ::ffff:….
+                    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                listener.bind(address)
+                listener.listen(BACKLOG)
+                listener.setblocking(False)
         except OSError:
-            listener.close()
+            for listener in self._sockets:
+                listener.close()
+            self._sockets.clear()
             raise
-        self._socket = listener
-        self._acceptor = loop.create_task(self._accept_loop(listener))
+        for listener in self._sockets:
+            acceptor = loop.create_task(self._accept_loop(listener))
+            acceptor.add_done_callback(self._acceptor_done)
+            self._acceptors.append(acceptor)
 
     async def stop(self) -> None:
         """Stop accepting and abandon the handshakes in progress."""
-        tasks = [t for t in (self._acceptor, *self._tasks) if t is not None]
+        tasks = [*self._acceptors, *self._tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._socket is not None:
-            self._socket.close()
+        for listener in self._sockets:
+            listener.close()
+
+    def _acceptor_done(self, task: asyncio.Task[None]) -> None:
+        """An accept loop ends only when stopped; say so if anything else ended it."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: no longer accepting connections", self.name, exc_info=task.exception())
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         """Take each new connection: count its handshake and start it, or close it over the cap."""
@@ -101,8 +111,10 @@ class TlsListener:
         while True:
             try:
                 conn, peer = await loop.sock_accept(listener)
-            except OSError as exc:
-                self._refusals.warning("%s: accept failed: %s", self.name, exc)
+            except OSError as exc:  # out of file descriptors, most likely: wait, then go on
+                held = self._accept_errors.due()
+                if held is not None:
+                    log.warning("%s: accept failed %d time(s): %s", self.name, held, exc)
                 await asyncio.sleep(ACCEPT_RETRY)
                 continue
             address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
@@ -119,10 +131,20 @@ class TlsListener:
                 continue
             task = loop.create_task(self._handshake(conn, address))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+
+            def done(
+                task: asyncio.Task[None], conn: socket.socket = conn, key: str = address
+            ) -> None:
+                """Uncount the handshake however its task ended, even cancelled before it ran."""
+                self._tasks.discard(task)
+                self.handshakes.give_back(key)
+                if task.cancelled():
+                    conn.close()
+
+            task.add_done_callback(done)
 
     async def _handshake(self, conn: socket.socket, address: str) -> None:
-        """Run the TLS handshake within its deadline, then hand the streams on; uncount it."""
+        """Run the TLS handshake within its deadline, then hand the streams on."""
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         protocol = asyncio.StreamReaderProtocol(reader)
@@ -134,11 +156,6 @@ class TlsListener:
             log.debug("%s: TLS handshake with %s failed: %s", self.name, address, exc)
             conn.close()
             return
-        except asyncio.CancelledError:
-            conn.close()
-            raise
-        finally:
-            self.handshakes.give_back(address)
         try:
             self._connected(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
         except Exception:

@@ -1,15 +1,22 @@
-"""TlsListener on real sockets: handshakes counted from accept, refused past the cap before TLS."""
+"""TlsListener on real sockets: handshakes counted from accept, refused past the cap before TLS.
+
+Each test runs on asyncio's loop and on uvloop's (the proxy's default, whose
+TLS is its own): the tests are plain functions that run their body on each.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import pytest
+import uvloop
 
 from jitgate.devstack import pki
 from jitgate.proxy.caps import Tally
@@ -19,13 +26,21 @@ from jitgate.proxy.tlslisten import TlsListener
 DEADLINE = 2.0
 """The handshake deadline in these tests: a refusal must come well before it."""
 
+Run = Callable[[Coroutine[Any, Any, None]], None]
 
-@pytest.fixture
-async def listener(
-    dev_pki: pki.DevPki, request: pytest.FixtureRequest
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Run:
+    """Runs a test's body to its end on one of the two loops."""
+    runner: Run = uvloop.run if request.param == "uvloop" else asyncio.run
+    return runner
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    dev_pki: pki.DevPki, *, total: int = 2, per_address: int = 2, listen: str = "127.0.0.1:0"
 ) -> AsyncIterator[TlsListener]:
-    """A listener answering "hello" over TLS; caps (total, per address) from the test's param."""
-    total, per_address = getattr(request, "param", (2, 2))
+    """A listener that answers "hello" over TLS, under the given caps."""
     files = dev_pki.files("proxy")
 
     def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -34,15 +49,17 @@ async def listener(
 
     served = TlsListener(
         name="test",
-        listen="127.0.0.1:0",
+        listen=listen,
         tls=agent_tls(str(files.cert), str(files.key)),
         handshake_timeout=DEADLINE,
         handshakes=Tally(total=total, per_key=per_address),
         connected=connected,
     )
     await served.start()
-    yield served
-    await served.stop()
+    try:
+        yield served
+    finally:
+        await served.stop()
 
 
 async def _tls_hello(listener: TlsListener, ca: str) -> bytes:
@@ -80,52 +97,105 @@ async def _wait_for(listener: TlsListener, count: int) -> None:
     raise AssertionError(f"{listener.handshakes.total} handshakes in progress, not {count}")
 
 
-async def test_a_connection_over_the_cap_is_closed_at_once_before_any_tls(
-    listener: TlsListener, dev_pki: pki.DevPki, caplog: pytest.LogCaptureFixture
+def test_a_connection_over_the_cap_is_closed_at_once_before_any_tls(
+    run: Run, dev_pki: pki.DevPki, caplog: pytest.LogCaptureFixture
 ) -> None:
-    silent = [await _silent(listener) for _ in range(2)]
-    await _wait_for(listener, 2)
-    reader, writer = await _silent(listener)
-    assert await _closed_within(reader, DEADLINE / 2) < DEADLINE / 2
-    assert "2 TLS handshakes in progress, 2 from it" in caplog.text
-    writer.close()
-    # The silent ones leave; their places are given back, and TLS goes on.
-    for _, held in silent:
-        held.close()
-    await _wait_for(listener, 0)
-    assert await _tls_hello(listener, str(dev_pki.ca)) == b"hello\n"
+    async def body() -> None:
+        async with serving(dev_pki) as listener:
+            silent = [await _silent(listener) for _ in range(2)]
+            await _wait_for(listener, 2)
+            reader, writer = await _silent(listener)
+            assert await _closed_within(reader, DEADLINE / 2) < DEADLINE / 2
+            assert "2 TLS handshakes in progress, 2 from it" in caplog.text
+            writer.close()
+            # The silent ones leave; their places are given back, and TLS goes on.
+            for _, held in silent:
+                held.close()
+            await _wait_for(listener, 0)
+            assert await _tls_hello(listener, str(dev_pki.ca)) == b"hello\n"
+
+    run(body())
 
 
-@pytest.mark.parametrize("listener", [(10, 1)], indirect=True)
-async def test_one_address_holds_at_most_its_share(listener: TlsListener) -> None:
-    _, first = await _silent(listener)
-    await _wait_for(listener, 1)
-    reader, second = await _silent(listener)
-    assert await _closed_within(reader, DEADLINE / 2) < DEADLINE / 2
-    first.close()
-    second.close()
+def test_one_address_holds_at_most_its_share(run: Run, dev_pki: pki.DevPki) -> None:
+    async def body() -> None:
+        async with serving(dev_pki, total=10, per_address=1) as listener:
+            _, first = await _silent(listener)
+            await _wait_for(listener, 1)
+            reader, second = await _silent(listener)
+            assert await _closed_within(reader, DEADLINE / 2) < DEADLINE / 2
+            first.close()
+            second.close()
+
+    run(body())
 
 
-async def test_a_handshake_never_finished_is_closed_at_its_deadline_and_uncounted(
-    listener: TlsListener,
+def test_handshakes_that_succeed_give_their_places_back(run: Run, dev_pki: pki.DevPki) -> None:
+    # More successful connections from one address than its cap, one after
+    # another: each place is free again once its handshake is done.
+    async def body() -> None:
+        async with serving(dev_pki) as listener:
+            for _ in range(5):
+                assert await _tls_hello(listener, str(dev_pki.ca)) == b"hello\n"
+            await _wait_for(listener, 0)
+
+    run(body())
+
+
+def test_a_handshake_never_finished_is_closed_at_its_deadline_and_uncounted(
+    run: Run, dev_pki: pki.DevPki
 ) -> None:
-    reader, writer = await _silent(listener)
-    await _wait_for(listener, 1)
-    waited = await _closed_within(reader, DEADLINE + 3)
-    assert DEADLINE - 0.5 < waited < DEADLINE + 3
-    await _wait_for(listener, 0)
-    writer.close()
+    async def body() -> None:
+        async with serving(dev_pki) as listener:
+            reader, writer = await _silent(listener)
+            await _wait_for(listener, 1)
+            waited = await _closed_within(reader, DEADLINE + 3)
+            assert DEADLINE - 0.5 < waited < DEADLINE + 3
+            await _wait_for(listener, 0)
+            writer.close()
+
+    run(body())
 
 
-async def test_a_failed_handshake_is_uncounted_and_logged_for_debugging(
-    listener: TlsListener, dev_pki: pki.DevPki, caplog: pytest.LogCaptureFixture
+def test_a_failed_handshake_is_uncounted_and_logged_for_debugging(
+    run: Run, dev_pki: pki.DevPki, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="jitgate.proxy.tlslisten")
-    for _ in range(3):  # more than the cap, one after another
-        reader, writer = await _silent(listener)
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP to a TLS port
-        await _closed_within(reader, DEADLINE / 2)
-        writer.close()
-    await _wait_for(listener, 0)
+
+    async def body() -> None:
+        async with serving(dev_pki) as listener:
+            for _ in range(3):  # more than the cap, one after another
+                reader, writer = await _silent(listener)
+                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP to a TLS port
+                await _closed_within(reader, DEADLINE / 2)
+                writer.close()
+            await _wait_for(listener, 0)
+            assert await _tls_hello(listener, str(dev_pki.ca)) == b"hello\n"
+
+    run(body())
     assert "TLS handshake with 127.0.0.1 failed" in caplog.text
-    assert await _tls_hello(listener, str(dev_pki.ca)) == b"hello\n"
+
+
+def test_stopping_uncounts_and_closes_the_handshakes_in_progress(
+    run: Run, dev_pki: pki.DevPki
+) -> None:
+    async def body() -> None:
+        async with serving(dev_pki, total=4, per_address=4) as listener:
+            reader, writer = await _silent(listener)
+            await _wait_for(listener, 1)
+            await listener.stop()  # the handshake in progress is abandoned, and uncounted
+            assert listener.handshakes.total == 0
+            await _closed_within(reader, 1.0)
+            writer.close()
+
+    run(body())
+
+
+def test_every_address_of_the_host_is_listened_on(run: Run, dev_pki: pki.DevPki) -> None:
+    resolved = {a[4][0] for a in socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)}
+
+    async def body() -> None:
+        async with serving(dev_pki, listen="localhost:0") as listener:
+            assert {sock.getsockname()[0] for sock in listener._sockets} == resolved
+
+    run(body())
