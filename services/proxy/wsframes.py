@@ -102,8 +102,11 @@ class Reframer:
                 head, size = 10, int.from_bytes(view[at + 2 : at + 10], "big")
             if end - at < head + size:
                 break
-            if first == _FIN | BINARY and not self.in_message:  # the common case, checked fast
-                self._opcode, self._channel_pending = BINARY, True
+            if first == _FIN | BINARY and not self.in_message:
+                # The common case, a whole binary message in one frame, inline.
+                self._opcode, self._channel_pending = BINARY, not size
+                if size and view[at + head] == ERROR_CHANNEL:
+                    self.error_channel_used = True
             else:
                 try:
                     self._check(first, size)
@@ -111,8 +114,8 @@ class Reframer:
                     self.broken = str(exc)
                     break
                 self._note(first)
-            if self._channel_pending and size and not first & 0x08:
-                self._channel(view[at + head])
+                if self._channel_pending and size and not first & 0x08:
+                    self._channel(view[at + head])
             at += head + size
         return at
 
