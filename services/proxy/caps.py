@@ -11,6 +11,14 @@ REFUSAL_LOG_INTERVAL = 1.0
 """Seconds between log lines about refusals over a cap (a flood is one line a second)."""
 
 
+def peer_address(info: object) -> tuple[str, str]:
+    """A socket's peer name: (its address, the key caps count by; address:port, for the log)."""
+    if isinstance(info, tuple):
+        return str(info[0]), f"{info[0]}:{info[1]}"
+    text = str(info or "")
+    return text, text
+
+
 class Tally:
     """Things open by key (a client address, a grant), under a total cap and a per-key cap."""
 

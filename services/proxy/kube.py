@@ -25,7 +25,7 @@ from opentelemetry import trace
 
 from jitgate.common import telemetry
 from jitgate.proxy import kubehttp, kubepolicy
-from jitgate.proxy.caps import Tally, Throttle
+from jitgate.proxy.caps import Tally, Throttle, peer_address
 from jitgate.proxy.config import KubeTarget
 from jitgate.proxy.gate import Gate
 from jitgate.proxy.kubeforward import CHUNK, Forward, loggable, upstream_context
@@ -81,8 +81,7 @@ class Agent:
         self.reader = reader
         self.writer = writer
         self.http = h11.Connection(h11.SERVER)
-        peer = writer.get_extra_info("peername")
-        self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        _, self.client = peer_address(writer.get_extra_info("peername"))
 
     async def _receive(self, conn: h11.Connection, reader: asyncio.StreamReader) -> object:
         """The next h11 event of conn (or PAUSED), reading from reader as needed."""
@@ -298,16 +297,11 @@ class KubeFrontend:
             )
         return False
 
-    def _release(self, address: str) -> None:
-        """Uncount a connection from address."""
-        self._open.give_back(address)
-
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A new agent connection (TLS done): count it, or refuse it over a cap; serve it."""
         # A plain function, not a coroutine: the task below is ours, so a
         # cancelled one (stop) is no "Exception in callback" of asyncio's.
-        peer = writer.get_extra_info("peername")
-        address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+        address, _ = peer_address(writer.get_extra_info("peername"))
         if not self._admit(address):
             # Nothing of the request is read: a 503 Status ahead of it
             # (RFC 9110 §15.6.4), "Connection: close", and the socket closes.
@@ -327,7 +321,7 @@ class KubeFrontend:
         def done(_: asyncio.Task[None]) -> None:
             """Close and uncount the connection, however its task ended (cancelled by stop too)."""
             self._tasks.discard(task)
-            self._release(address)
+            self._open.give_back(address)
             with contextlib.suppress(Exception):
                 writer.close()
 

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 
+from jitgate.common.validate import printable
 from jitgate.proxy import kubehttp, wsframes
 from jitgate.proxy.config import KubeTarget
 from jitgate.proxy.kubegrants import Held, Refused, ended
@@ -42,6 +43,14 @@ def _is_watch(query: str, headers: kubehttp.Headers) -> bool:
     watching = parse_qs(query).get("watch", [""])[-1] in ("1", "true")
     types = [v for n, v in headers if n == b"content-type"]
     return watching and bool(types) and types[0].startswith(b"application/json")
+
+
+def _last_words(agent: asyncio.WriteTransport, data: bytes) -> None:
+    """Write data and close: the agent has CLOSE_GRACE to read it, then it is cut anyway."""
+    with contextlib.suppress(Exception):
+        agent.write(data)
+        agent.close()  # flushes data; an agent that never reads is cut at the grace's end
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, agent.abort)
 
 
 def _whole_lines(held: bytearray, data: bytes) -> bytes:
@@ -69,8 +78,7 @@ def _why(exc: BaseException) -> str:
 def loggable(target: bytes) -> str:
     """The request target, shortened and printable, for the log."""
     # The path is the agent's; only printable ASCII goes to the log, and not too much.
-    text = target.decode("ascii", "replace")[:200]
-    return "".join(c if c.isprintable() else "?" for c in text)
+    return printable(target.decode("ascii", "replace"), 200)
 
 
 class Forward:
@@ -101,6 +109,7 @@ class Forward:
                 self.upstream.transport.abort()
         agent = self.agent.writer.transport
         frames = self.frames
+        why = f"the grant has {ended(reason)}"
         if frames is not None and not frames.closed and not agent.is_closing():
             # What the agent has of a WebSocket stream ends at a frame
             # boundary (wsframes.Reframer), so it ends with frames of our own:
@@ -109,33 +118,25 @@ class Forward:
             # sent its own, which client-go would read as one with ours), then
             # a close frame with the reason (RFC 6455 §5.5.1) for any client.
             # Once a close was sent, nothing may follow it: the cut is bare.
-            message = f"jitgate: the grant has {ended(reason)}"
             tail = frames.end_message()
             last = tail or b""
             if self.status_channel and tail is not None and not frames.error_channel_used:
-                status = kubehttp.status(401, f"the grant has {ended(reason)}")
-                last += wsframes.frame(wsframes.BINARY, bytes([wsframes.ERROR_CHANNEL]) + status)
-            with contextlib.suppress(Exception):
-                agent.write(last + wsframes.close(message))
-                agent.close()
-                asyncio.get_running_loop().call_later(CLOSE_GRACE, agent.abort)
-                return
-        if self.watch and self.boundary and not agent.is_closing():
+                status = bytes([wsframes.ERROR_CHANNEL]) + kubehttp.status(401, why)
+                last += wsframes.frame(wsframes.BINARY, status)
+            _last_words(agent, last + wsframes.close(f"jitgate: {why}"))
+        elif self.watch and self.boundary and not agent.is_closing():
             # Between two events, a watch can say why it ends: an ERROR event
             # carrying a Status, as the API server ends a watch itself.
-            status = kubehttp.status(401, f"the grant has {ended(reason)}")
-            event = b'{"type":"ERROR","object":' + status + b"}\n"
+            event = b'{"type":"ERROR","object":' + kubehttp.status(401, why) + b"}\n"
+            http = self.agent.http
             with contextlib.suppress(Exception):
-                http = self.agent.http
-                agent.write(
-                    (http.send(h11.Data(data=event)) or b"")
-                    + (http.send(h11.EndOfMessage()) or b"")
+                event = (http.send(h11.Data(data=event)) or b"") + (
+                    http.send(h11.EndOfMessage()) or b""
                 )
-                agent.close()  # flushes the event; an agent that never reads is cut anyway
-                asyncio.get_running_loop().call_later(CLOSE_GRACE, agent.abort)
-                return
+                _last_words(agent, event)
         with contextlib.suppress(Exception):
-            agent.abort()
+            if not agent.is_closing():
+                agent.abort()
 
     async def run(self, request: h11.Request, rest: str, query: str, upgrade: bool) -> bool:
         """Forward, relay the answer; return whether the agent connection may go on."""

@@ -22,13 +22,14 @@ from opentelemetry import trace
 from jitgate.common import telemetry
 from jitgate.common.errors import JitgateError
 from jitgate.proxy.gate import Gate, Lease
-from jitgate.proxy.refusals import refusal
+from jitgate.proxy.refusals import UNAVAILABLE as CANNOT_REDEEM
+from jitgate.proxy.refusals import refused
 from jitgate.proxy.session import Redeemed, Relay
 
 log = logging.getLogger(__name__)
 
 KIND = "kubernetes"
-UNAVAILABLE = "jitgate cannot redeem grants right now; retry"
+UNAVAILABLE = f"jitgate {CANNOT_REDEEM}"
 
 
 class Refused(Exception):
@@ -173,8 +174,7 @@ def _refusal(exc: BaseException, session_id: str, client: str) -> Refused:
     if not isinstance(exc, JitgateError):
         log.error("session %s from %s: redemption failed", session_id, client, exc_info=exc)
         return Refused(503, UNAVAILABLE)
-    denied = refusal(exc)
-    log.log(denied.level, "session %s from %s: %s: %s", session_id, client, denied.logged, exc)
+    denied = refused(exc, log, f"session {session_id} from {client}")
     if denied.outcome == "rejected":
         return Refused(401, denied.message)
     if denied.outcome == "refused":

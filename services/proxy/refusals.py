@@ -51,6 +51,13 @@ _LOGGED = {
 }
 
 
+def refused(exc: JitgateError, logger: logging.Logger, session: str) -> Refusal:
+    """Classify exc for the agent and log it for the operator: "<session>: <outcome>: <error>"."""
+    denied = refusal(exc)
+    logger.log(denied.level, "%s: %s: %s", session, denied.logged, exc)
+    return denied
+
+
 def refusal(exc: JitgateError) -> Refusal:
     """How a failed check or redemption is put to the agent, whatever the session's kind."""
     if isinstance(exc, Unauthenticated) and exc.check == "upstream":

@@ -21,8 +21,9 @@ from jitgate.common.errors import (
     JitgateError,
 )
 from jitgate.proxy import pgwire
+from jitgate.proxy.caps import peer_address
 from jitgate.proxy.grantcheck import Claims
-from jitgate.proxy.refusals import refusal
+from jitgate.proxy.refusals import refused
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +243,7 @@ class Session:
             await self._run()
 
     async def _run(self) -> None:
-        peer = self.writer.get_extra_info("peername")
-        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        _, client = peer_address(self.writer.get_extra_info("peername"))
         try:
             started = await asyncio.wait_for(self._handshake(client), HANDSHAKE_TIMEOUT)
         except TimeoutError:
@@ -321,16 +321,8 @@ class Session:
             redeemed = await self.hooks.redeem(token, connection, self.session_id, client)
             marks.append(time.perf_counter())
         except JitgateError as exc:
-            denied = refusal(exc)
+            denied = refused(exc, log, f"session {self.session_id} from {client}")
             await self._refuse(_SQLSTATES[denied.outcome], f"jitgate: {denied.message}")
-            log.log(
-                denied.level,
-                "session %s from %s: %s: %s",
-                self.session_id,
-                client,
-                denied.logged,
-                exc,
-            )
             return None
         try:
             upstream = await self.hooks.open_upstream(connection, redeemed.subject)

@@ -35,10 +35,10 @@ from jitgate.common.errors import (
 )
 from jitgate.common.jws import MAX_TOKEN_BYTES
 from jitgate.proxy import sshagent, sshforward, sshrelay, sshupstream
-from jitgate.proxy.caps import Tally, Throttle
+from jitgate.proxy.caps import Tally, Throttle, peer_address
 from jitgate.proxy.config import SshTarget
 from jitgate.proxy.gate import Gate, Lease
-from jitgate.proxy.refusals import refusal
+from jitgate.proxy.refusals import refused
 from jitgate.proxy.session import HANDSHAKE_TIMEOUT, Redeemed, Relay
 from jitgate.proxy.sshforward import Slots, Tunnel
 from jitgate.proxy.sshrelay import AgentSide
@@ -226,17 +226,15 @@ class AgentConnection(asyncssh.SSHServer):
         """The grant this connection counts against (MAX_PER_GRANT), once checked."""
         self._refusals = Throttle(log)
         """Log lines about this connection's channel opens refused over a cap."""
-        self._forwards = Slots(frontend.limits.max_forwards, self._forward_refused)
-        self._listeners = Slots(frontend.limits.max_listeners, self._listener_refused)
+        self._forwards = Slots(frontend.limits.max_forwards, self._over("open"))
+        self._listeners = Slots(frontend.limits.max_listeners, self._over("held"))
 
     # Connection and authentication (RFC 4252) ---------------------------
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         """An agent connected: counted in, or closed at once if over a cap."""
         self._conn = conn
-        peer = conn.get_extra_info("peername")
-        source = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
-        self._client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else source
+        source, self._client = peer_address(conn.get_extra_info("peername"))
         over = self._frontend.accept(self, source)
         if over is not None:
             # Before the version exchange: no key exchange is spent on it.
@@ -384,16 +382,8 @@ class AgentConnection(asyncssh.SSHServer):
             self._grant = claims.grant_id
             redeemed = await gate.redeem(token, target.name, self.session_id, self._client)
         except JitgateError as exc:
-            denied = refusal(exc)
+            denied = refused(exc, log, f"ssh session {self.session_id} from {self._client}")
             self._refuse(denied.message)
-            log.log(
-                denied.level,
-                "ssh session %s from %s: %s: %s",
-                self.session_id,
-                self._client,
-                denied.logged,
-                exc,
-            )
             return None
         log.info(
             "ssh session %s: %s on %s until %s (grant %s; admitted in %.1f ms)",
@@ -521,23 +511,16 @@ class AgentConnection(asyncssh.SSHServer):
         )
         return allowed
 
-    def _forward_refused(self, what: str) -> None:
-        """Log a forwarded channel refused over MAX_FORWARDS."""
-        self._refusals.warning(
-            "ssh session %s: %s refused, %d open, the limit",
-            self.session_id,
-            what,
-            self._forwards.limit,
-        )
+    def _over(self, state: str) -> Callable[[str, int], None]:
+        """What logs a forward or a listener refused over its cap ("open" or "held")."""
 
-    def _listener_refused(self, what: str) -> None:
-        """Log a host listener refused over MAX_LISTENERS."""
-        self._refusals.warning(
-            "ssh session %s: %s refused, %d held, the limit",
-            self.session_id,
-            what,
-            self._listeners.limit,
-        )
+        def refused(what: str, limit: int) -> None:
+            """Log what was refused, and the cap."""
+            self._refusals.warning(
+                "ssh session %s: %s refused, %d %s, the limit", self.session_id, what, limit, state
+            )
+
+        return refused
 
     def _counters(self) -> tuple[Callable[[int], None], Callable[[int], None]]:
         """(count bytes from the agent, count bytes to the agent) into the session's totals."""

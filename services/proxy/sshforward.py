@@ -19,10 +19,10 @@ if TYPE_CHECKING:
 
 
 class Slots:
-    """A cap on the forwarded channels open at once on one agent connection."""
+    """A cap on what one agent connection holds at once: forwarded channels, or host listeners."""
 
-    def __init__(self, limit: int, refused: Callable[[str], None]) -> None:
-        """Up to limit at once; refused(what) is told of each open over it (to log it)."""
+    def __init__(self, limit: int, refused: Callable[[str, int], None]) -> None:
+        """Up to limit at once; refused(what, limit) is told of each take over it (to log it)."""
         self.limit = limit
         self.used = 0
         self._refused = refused
@@ -30,7 +30,7 @@ class Slots:
     def take(self, what: str) -> bool:
         """Take a place for what; False (taking nothing) when all are in use."""
         if self.used >= self.limit:
-            self._refused(what)
+            self._refused(what, self.limit)
             return False
         self.used += 1
         return True

@@ -189,7 +189,7 @@ class AgentSide(asyncssh.SSHServerSession[bytes]):
                 send_env=None,
                 request_pty=self._pty is not None,
                 term_type=self._pty[0] if self._pty else None,
-                term_size=self._pty[1] if self._pty else None,
+                term_size=asked_size,
                 term_modes=self._pty[2] if self._pty else None,
                 encoding=None,
             )

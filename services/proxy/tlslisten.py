@@ -18,7 +18,7 @@ import socket
 import ssl
 from collections.abc import Callable
 
-from jitgate.proxy.caps import Tally, Throttle
+from jitgate.proxy.caps import Tally, Throttle, peer_address
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +110,14 @@ class TlsListener:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                conn, peer = await loop.sock_accept(listener)
+                conn, remote = await loop.sock_accept(listener)
             except OSError as exc:  # out of file descriptors, most likely: wait, then go on
                 held = self._accept_errors.due()
                 if held is not None:
                     log.warning("%s: accept failed %d time(s): %s", self.name, held, exc)
                 await asyncio.sleep(ACCEPT_RETRY)
                 continue
-            address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+            address, _ = peer_address(remote)
             if not self.handshakes.take(address):
                 conn.close()  # before any TLS: no handshake is spent on it
                 self._refusals.warning(

@@ -30,8 +30,9 @@ PROTOCOL_ERROR = 1002
 """RFC 6455 §7.4.1: the endpoint ends the connection because of a protocol error."""
 ERROR_CHANNEL = 3
 """The exec/attach stream channel carrying the final Status (Kubernetes' channel protocol)."""
-_MAX_REASON = 123  # a close frame's payload is at most 125 bytes (RFC 6455 §5.5)
 _MAX_CONTROL = 125
+"""A control frame's payload, at most (RFC 6455 §5.5)."""
+_MAX_REASON = _MAX_CONTROL - 2  # after the close code
 
 
 class FrameError(ValueError):
@@ -87,8 +88,8 @@ class Reframer:
     def _whole(self, view: memoryview) -> int:
         """The length of the whole unmasked frames view starts with, each checked; 0 if none.
 
-        A frame that breaks RFC 6455 ends the run (and sets broken): the frames
-        before it are still sent.
+        A frame that breaks RFC 6455 ends the run: the frames before it are
+        still sent.
         """
         at, end = 0, len(view)
         while end - at >= 2:
@@ -104,15 +105,13 @@ class Reframer:
                 break
             if first == _FIN | BINARY and not self.in_message:
                 # The common case, a whole binary message in one frame, inline.
-                self._opcode, self._channel_pending = BINARY, not size
                 if size and view[at + head] == ERROR_CHANNEL:
                     self.error_channel_used = True
             else:
                 try:
                     self._check(first, size)
-                except FrameError as exc:
-                    self.broken = str(exc)
-                    break
+                except FrameError:
+                    break  # the frames before it go on; _take_head meets it and says why
                 self._note(first)
                 if self._channel_pending and size and not first & 0x08:
                     self._channel(view[at + head])
@@ -157,8 +156,8 @@ class Reframer:
             needed = _head_length(self._held)
         head = bytes(self._held)
         first, size = head[0], _payload_length(head)
+        self._check(first, size)
         if first & 0x08:  # a control frame is held whole, then sent as it came
-            self._check(first, size)
             rest = size - (len(self._held) - needed)
             self._held += view[:rest]
             view = view[rest:]
@@ -167,7 +166,6 @@ class Reframer:
                 self._held.clear()
                 self._note(first)
             return view
-        self._check(first, size)
         self._held.clear()
         self._first, self._left, self._sent = first, size, 0
         self._mask = head[needed - 4 : needed] if head[1] & _MASKED else None
