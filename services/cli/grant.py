@@ -33,6 +33,7 @@ from jitgate.client.store import GrantStore
 from jitgate.common import tls
 from jitgate.common.config import Env
 from jitgate.common.errors import ConfigError
+from jitgate.common.grants import MAX_LISTED
 from jitgate.v1 import policy_pb2, policy_pb2_grpc
 
 EXIT_OK = 0
@@ -108,7 +109,9 @@ def register(verbs: Any) -> None:
     scope = live.add_mutually_exclusive_group()
     scope.add_argument("--subject", help="only this subject's grants")
     scope.add_argument("--connection", help="only this connection's grants")
-    live.add_argument("--limit", type=int, default=0, help="at most this many (default 1000)")
+    live.add_argument(
+        "--limit", type=int, default=0, help=f"at most this many (default {MAX_LISTED})"
+    )
     live.add_argument(
         "--policy",
         default=os.environ.get("JITGATE_POLICY_ADDR"),
@@ -282,9 +285,7 @@ def _as_operator(args: argparse.Namespace, method: str, request: Any) -> tuple[A
     """Call one operator RPC of the policy service: (response, 0), or (None, exit code) told."""
     if not args.policy:
         raise ConfigError("no policy service: set JITGATE_POLICY_ADDR or pass --policy host:port")
-    credentials = tls.channel_credentials(Env().tls())
-    options = [("grpc.ssl_target_name_override", "policy")]
-    with grpc.secure_channel(args.policy, credentials, options=options) as channel:
+    with tls.blocking_channel(args.policy, Env().tls(), server_name="policy") as channel:
         stub = policy_pb2_grpc.PolicyStub(channel)
         try:
             return getattr(stub, method)(request, timeout=args.timeout), EXIT_OK
@@ -323,8 +324,8 @@ def _revoke_as_operator(args: argparse.Namespace) -> int:
 
 def list_live(args: argparse.Namespace) -> int:
     """The operator's listing of live grants; exit 3 for a certificate policy does not admit."""
-    if not 0 <= args.limit <= 1000:
-        raise ConfigError("--limit must be between 0 and 1000")
+    if not 0 <= args.limit <= MAX_LISTED:
+        raise ConfigError(f"--limit must be between 0 and {MAX_LISTED}")
     # `is not None`: an empty --subject "$UNSET" must be refused, never read as "everything".
     if args.subject is not None:
         request = policy_pb2.ListLiveGrantsRequest(subject=args.subject, limit=args.limit)

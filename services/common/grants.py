@@ -15,6 +15,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from jitgate.common.identity import spiffe_id
 from jitgate.common.jws import Checker, Signer
 
+MAX_LISTED = 1000
+"""Live grants in one Policy.ListLiveGrants answer, at most (under 1 MB)."""
+
 GRANT_TYP = "jitgate-grant+jwt"
 REVOCATION_CHANNEL = "jitgate:revocations"
 """Redis pub/sub channel on which the policy service announces revoked grant ids."""
@@ -65,7 +68,8 @@ def agent_index_key(subject: str) -> str:
     return f"agent:{hashlib.sha256(subject.encode()).hexdigest()[:32]}:grants"
 
 
-def _text(value: bytes | str) -> str:
+def reply_text(value: bytes | str) -> str:
+    """A Redis reply as text."""
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -102,7 +106,7 @@ class GrantRecord:
     def from_hash(cls, fields: Mapping[bytes | str, bytes | str]) -> GrantRecord | None:
         """Return the record in a Redis hash, or None if the hash is not a whole record."""
         try:
-            text = {_text(k): _text(v) for k, v in fields.items()}
+            text = {reply_text(k): reply_text(v) for k, v in fields.items()}
             return cls(
                 grant_id=text["grant_id"],
                 subject=text["subject"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jitgate.common import tls
@@ -15,8 +14,7 @@ def serving_status(address: str, files: TlsFiles, service: str, *, timeout: floa
     Each jitgate certificate names its service in a DNS SAN, so the server is
     checked as the services check each other: a swapped certificate fails.
     """
-    options = [("grpc.ssl_target_name_override", service)]
-    with grpc.secure_channel(address, tls.channel_credentials(files), options=options) as channel:
+    with tls.blocking_channel(address, files, server_name=service) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=""), timeout=timeout
         )

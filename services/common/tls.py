@@ -69,6 +69,12 @@ def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     )
 
 
+def blocking_channel(target: str, files: TlsFiles, *, server_name: str) -> grpc.Channel:
+    """A blocking channel for a command-line tool, presenting files and checking server_name."""
+    options = [("grpc.ssl_target_name_override", server_name)]
+    return grpc.secure_channel(target, channel_credentials(files), options=options)
+
+
 def secure_channel(
     target: str,
     credentials: grpc.ChannelCredentials,

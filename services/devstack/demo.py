@@ -16,7 +16,6 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import jwt
 import psycopg
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -51,9 +50,8 @@ def _forged_token(real: str) -> str:
 
 def _audit_kinds(stack: Stack) -> Counter[str]:
     """Read the whole audit log over gRPC as the auditor identity."""
-    credentials = tls.channel_credentials(stack.pki.files("auditor"))
-    options = [("grpc.ssl_target_name_override", "audit")]
-    with grpc.secure_channel(stack.address("audit"), credentials, options=options) as channel:
+    files = stack.pki.files("auditor")
+    with tls.blocking_channel(stack.address("audit"), files, server_name="audit") as channel:
         records = audit_pb2_grpc.AuditStub(channel).Read(
             audit_pb2.ReadRequest(from_index=0), timeout=5
         )
@@ -62,9 +60,8 @@ def _audit_kinds(stack: Stack) -> Counter[str]:
 
 def _operator_view(stack: Stack, connection: str) -> list[policy_pb2.LiveGrant]:
     """The live grants of connection, as the operator lists them (`jitgate grant live`)."""
-    credentials = tls.channel_credentials(stack.pki.files("operator"))
-    options = [("grpc.ssl_target_name_override", "policy")]
-    with grpc.secure_channel(stack.address("policy"), credentials, options=options) as channel:
+    files = stack.pki.files("operator")
+    with tls.blocking_channel(stack.address("policy"), files, server_name="policy") as channel:
         listed = policy_pb2_grpc.PolicyStub(channel).ListLiveGrants(
             policy_pb2.ListLiveGrantsRequest(connection=connection), timeout=5
         )

@@ -23,6 +23,7 @@ from jitgate.common.grants import (
     connection_index_key,
     grant_key,
     issued_key,
+    reply_text,
     revoked_key,
     slots_key,
     subject_index_key,
@@ -34,11 +35,6 @@ MARKER_MARGIN_MS = 60_000
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
-
-
-def _text(value: bytes | str) -> str:
-    """A Redis reply as text."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # Take one of `limit` slots, atomically: Redis runs a script alone, so two
@@ -177,12 +173,11 @@ class Ledger:
         page = min(count, max(16, -(-count // max(1, len(keys)))))
         offsets = dict.fromkeys(keys, 0)
         found: dict[str, float] = {}
-        pending = keys
+        pending, low = keys, f"({_ms(now)}"  # live: expiring after now
         while pending:
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for key in pending:
-                        low = f"({_ms(now)}"
                         pipe.zrangebyscore(key, low, "+inf", offsets[key], page, withscores=True)
                     rows = await pipe.execute()
             except RedisError as exc:
@@ -190,7 +185,7 @@ class Ledger:
             full: list[tuple[str, float]] = []
             for key, row in zip(pending, rows, strict=True):
                 for grant_id, score in row:
-                    found[_text(grant_id)] = score / 1000
+                    found[reply_text(grant_id)] = score / 1000
                 offsets[key] += len(row)
                 if len(row) == page:  # there may be more in this index
                     full.append((key, row[-1][1] / 1000))

@@ -54,9 +54,6 @@ ACL = {
     "/jitgate.v1.Policy/ReportSession": frozenset({"proxy"}),
 }
 
-MAX_LISTED = 1000
-"""Live grants in one ListLiveGrants answer, at most (under 1 MB)."""
-
 GRANT_INVALID = "GRANT_INVALID"
 GRANT_EXPIRED = "GRANT_EXPIRED"
 GRANT_REVOKED = "GRANT_REVOKED"
@@ -387,7 +384,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         self, request: policy_pb2.ListLiveGrantsRequest, context: ServicerContext
     ) -> policy_pb2.LiveGrants:
         """The operator lists the live grants of a subject, a connection, or every connection."""
-        limit = min(request.limit or MAX_LISTED, MAX_LISTED)
+        limit = min(request.limit or grants.MAX_LISTED, grants.MAX_LISTED)
         target = request.WhichOneof("target")
         subjects, connections = [], []
         if target == "subject":
