@@ -57,9 +57,7 @@ class Run:
     latencies: list[float] = field(default_factory=list)  # ms, successful calls
     errors: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
-    """CPU seconds each process of the chain used during the phase."""
-    client_cpu: float = 0.0
-    """CPU seconds the load generator (this process) used during the phase."""
+    """CPU seconds each process used during the phase: the chain's, and "client" (this one)."""
 
     def cpu_ms_per_call(self, name: str) -> float:
         """Milliseconds of a process's CPU per successful call."""
@@ -187,7 +185,7 @@ async def metered(pids: dict[str, int], phase: Awaitable[Run]) -> Run:
     client = time.process_time()
     run = await phase
     run.cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
-    run.client_cpu = time.process_time() - client
+    run.cpu["client"] = time.process_time() - client
     return run
 
 
@@ -305,10 +303,7 @@ def report_cpu(results: dict[str, dict[str, Run]]) -> None:
         for phase in phases:
             for chain in chains:
                 run = results[chain][phase]
-                if name == "client":
-                    cells.append(f"{1000 * run.client_cpu / max(1, len(run.latencies)):.2f}")
-                else:
-                    cells.append(f"{run.cpu_ms_per_call(name):.2f}" if name in run.cpu else "-")
+                cells.append(f"{run.cpu_ms_per_call(name):.2f}" if name in run.cpu else "-")
         print(f"| {name} | " + " | ".join(cells) + " |")
     totals = [f"{total_cpu(results[c][p]):.2f}" for p in phases for c in chains]
     print("| all, client included | " + " | ".join(totals) + " |")
@@ -316,9 +311,7 @@ def report_cpu(results: dict[str, dict[str, Run]]) -> None:
 
 def total_cpu(run: Run) -> float:
     """Milliseconds of CPU per successful call, every process and the client together."""
-    return sum(run.cpu_ms_per_call(n) for n in run.cpu) + 1000 * run.client_cpu / max(
-        1, len(run.latencies)
-    )
+    return sum(run.cpu_ms_per_call(n) for n in run.cpu)
 
 
 def report_bound(results: dict[str, dict[str, Run]], goal: float = 0.70) -> None:

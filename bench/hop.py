@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+from grants import cpu_seconds  # bench/grants.py (run from bench/, as soak.py does)
 
 from jitgate.common import tls
 from jitgate.devstack import pki
@@ -31,12 +33,6 @@ PAYLOAD = b"a" * 600
 
 def _identity(data: bytes) -> bytes:
     return data
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def serve(listen: str, pki_dir: Path) -> None:
@@ -161,7 +157,10 @@ def main(calls: int) -> None:
             assert server.stdout is not None
             if server.stdout.readline().strip() != b"ready":
                 raise SystemExit("the echo server did not start")
-            print(f"{time.strftime('%Y-%m-%d')} · {os.cpu_count()} cores · {calls} calls a row\n")
+            print(
+                f"{time.strftime('%Y-%m-%d')} · {platform.machine()} · {platform.python_version()}"
+                f" · {os.cpu_count()} cores · {calls} calls a row\n"
+            )
             asyncio.run(measure(address, pki_dir, server.pid, calls))
         finally:
             server.terminate()

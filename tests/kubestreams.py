@@ -39,6 +39,7 @@ import json
 import secrets
 import socket
 import ssl
+import struct
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,17 +78,64 @@ def _nonce(key: str) -> bool:
 
 def frame(opcode: int, payload: bytes, mask: bytes | None = None) -> bytes:
     """One final WebSocket frame (RFC 6455 §5.2); masked with mask if given (a client's)."""
+    return build(0x80 | opcode, payload, mask)
+
+
+def build(first: int, payload: bytes, mask: bytes | None = None) -> bytes:
+    """A frame with any first byte (FIN, RSV, opcode), masked if asked (RFC 6455 §5.2)."""
     size = len(payload)
     bit = 0x80 if mask is not None else 0
     if size < 126:
-        head = bytes([0x80 | opcode, bit | size])
+        head = bytes([first, bit | size])
     elif size < 1 << 16:
-        head = bytes([0x80 | opcode, bit | 126]) + size.to_bytes(2, "big")
+        head = bytes([first, bit | 126]) + struct.pack("!H", size)
     else:
-        head = bytes([0x80 | opcode, bit | 127]) + size.to_bytes(8, "big")
+        head = bytes([first, bit | 127]) + struct.pack("!Q", size)
     if mask is None:
         return head + payload
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def parse(data: bytes) -> list[tuple[int, int, bytes]]:
+    """Whole frames only (first byte, payload length, unmasked payload); fails on a partial one."""
+    frames, at = [], 0
+    while at < len(data):
+        assert len(data) - at >= 2, "a frame head cut short"
+        first, second = data[at], data[at + 1]
+        size, at = second & 0x7F, at + 2
+        if size == 126:
+            size, at = struct.unpack("!H", data[at : at + 2])[0], at + 2
+        elif size == 127:
+            size, at = struct.unpack("!Q", data[at : at + 8])[0], at + 8
+        mask = data[at : at + 4] if second & 0x80 else None
+        at += 4 if mask else 0
+        payload = data[at : at + size]
+        assert len(payload) == size, "a frame cut short: the agent could not be sent a frame now"
+        at += size
+        if mask:
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        frames.append((first, size, payload))
+    return frames
+
+
+def messages(frames: list[tuple[int, int, bytes]]) -> list[tuple[int, bytes]]:
+    """Data messages (fragments joined, RFC 6455 §5.4) and control frames, in order."""
+    out: list[tuple[int, bytes]] = []
+    opcode, payload = -1, b""
+    for first, _, data in frames:
+        kind = first & 0x0F
+        if kind & 0x8:
+            assert first & 0x80, "a control frame is never fragmented (RFC 6455 §5.5)"
+            out.append((kind, data))
+            continue
+        assert (kind == CONTINUATION) == (opcode != -1), "fragments out of order"
+        opcode = kind if opcode == -1 else opcode
+        payload += data
+        if first & 0x80:
+            out.append((opcode, payload))
+            opcode, payload = -1, b""
+    assert opcode == -1, "a message left open"
+    return out
 
 
 class FrameError(Exception):
@@ -355,8 +403,6 @@ class PortForward:
     """Port by channel, as the server announced them."""
     pending: bytes = b""
     """Bytes read past the 101 with its head: the first frames."""
-    partial: bytes = b""
-    """A message's fragments that came before a control frame interrupted it."""
 
     @classmethod
     async def open(
@@ -434,20 +480,18 @@ class PortForward:
     async def message(self) -> tuple[int, bytes]:
         """The server's next message (opcode, payload), its fragments joined (RFC 6455 §5.4).
 
-        A control frame between fragments is returned at once, as it comes;
-        the fragments read so far are then in `partial`.
+        A control frame between fragments is returned at once, as it comes,
+        and the fragments read so far are dropped.
         """
         opcode, payload = -1, b""
         while True:
             kind, fin, data = await self.frame()
             if kind & 0x8:
-                self.partial = payload
                 return kind, data
             assert (kind == CONTINUATION) == (opcode != -1), "RFC 6455 §5.4: fragments in order"
             opcode = kind if opcode == -1 else opcode
             payload += data
             if fin:
-                self.partial = b""
                 return opcode, payload
 
     async def handshake(self, count: int) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -56,11 +55,6 @@ def mint(stack: Stack, **overrides: Any) -> str:
         **overrides,
     }
     return idp.mint(claims, key=key, kid=idp.rsa_key_id(key.public_key()))
-
-
-def state_path(stack: Stack, *parts: str) -> Path:
-    """A path inside the stack's state directory."""
-    return stack.state.joinpath(*parts)
 
 
 def verify_audit_log(stack: Stack) -> tuple[verify.Report, bytes]:

@@ -6,7 +6,6 @@ reaches the handler; after each RPC's fuzzing the grant path still works.
 
 from __future__ import annotations
 
-import base64
 import json
 import operator
 import os
@@ -27,6 +26,7 @@ from hypothesis import strategies as st
 from jitgate.audit import servicer as audit_servicer
 from jitgate.common import tls
 from jitgate.common.jws import MAX_TOKEN_BYTES
+from jitgate.common.keys import b64url
 from jitgate.devstack import idp
 from jitgate.devstack.stack import Stack
 from jitgate.policy import servicer as policy_servicer
@@ -385,11 +385,6 @@ _B64 = st.text(
 )
 
 
-def _b64(data: bytes) -> str:
-    """Unpadded base64url, as in a JWS."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def _integers(kind: int) -> st.SearchStrategy[int]:
     """Any value of an integer field's type, its limits and a few telling ones more often."""
     low, high = _RANGES[kind]
@@ -400,7 +395,7 @@ def _integers(kind: int) -> st.SearchStrategy[int]:
 def _jwt_like(real: Real) -> st.SearchStrategy[str]:
     """Compact-JWS-shaped text: real segments spliced, random JSON, random base64url."""
     json_segment = st.dictionaries(_CLAIM_NAMES | st.text(max_size=5), _JSON, max_size=5).map(
-        lambda claims: _b64(json.dumps(claims).encode())
+        lambda claims: b64url(json.dumps(claims).encode())
     )
     segment = st.one_of(st.sampled_from(real.segments()), json_segment, _B64)
     return st.lists(segment, min_size=1, max_size=5).map(".".join)

@@ -152,21 +152,33 @@ class Agent(asyncssh.SSHClient):
 
 
 async def log_in(
-    rig: Rig, client: type[Agent], user: str, password: str, port: int | None
+    rig: Rig,
+    client: type[Agent],
+    user: str,
+    password: str,
+    port: int | None,
+    **options: object,
 ) -> tuple[asyncssh.SSHClientConnection, Agent]:
-    """Log in by password alone, as an agent does: no keys, no ssh-agent, no config."""
+    """Log in by password alone, as an agent does: no keys, no ssh-agent, no config.
+
+    options override those asyncssh defaults (an agent to forward, say).
+    """
+    settings: dict[str, object] = {
+        "username": user,
+        "password": password,
+        "known_hosts": None,
+        "config": None,
+        "agent_path": None,
+        "client_keys": None,
+        "preferred_auth": "password",
+        "connect_timeout": 5,
+        **options,
+    }
     conn, agent = await asyncssh.create_connection(
         client,
         "127.0.0.1",
         port or rig.port,
-        username=user,
-        password=password,
-        known_hosts=None,
-        config=None,
-        agent_path=None,
-        client_keys=None,
-        preferred_auth="password",
-        connect_timeout=5,
+        **settings,  # type: ignore[arg-type]  # asyncssh's options are typed one by one
     )
     return conn, agent
 

@@ -161,10 +161,7 @@ async def test_a_revoked_grant_is_refused_from_then_on_and_its_end_reported(rig:
     refused = await send(rig, get("/connections/payments/version"))
     assert refused.status == 401
     assert refused.json()["message"] == "jitgate: this grant has been revoked"
-    for _ in range(100):  # the hold's end is reported as its task finishes
-        if rig.reports:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: bool(rig.reports))  # the hold's end is reported as its task finishes
     assert [r.reason for r in rig.reports] == ["revoked"]
     assert rig.reports[0].bytes_to_client > 0
     assert len(rig.front.grants) == 0
@@ -174,10 +171,7 @@ async def test_a_revoked_grant_is_refused_from_then_on_and_its_end_reported(rig:
 async def test_the_hold_ends_at_expiry_without_any_request(rig: Rig) -> None:
     rig.ttl = 0.3
     assert (await send(rig, get("/connections/payments/version"))).status == 200
-    for _ in range(200):
-        if rig.reports:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: bool(rig.reports))
     assert [r.reason for r in rig.reports] == ["expired"]
     rig.ttl = 60.0
     refused = await send(rig, get("/connections/payments/version"))
@@ -800,10 +794,7 @@ async def test_a_tls_handshake_flood_is_closed_at_accept_past_the_cap(
     """Handshakes in progress are counted from accept, as OpenSSH's MaxStartups."""
     _, silent = await asyncio.open_connection("127.0.0.1", rig.port)  # never says hello
     try:
-        for _ in range(200):  # until the front end has counted it
-            if rig.front._listener.handshakes.total == 1:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: rig.front._listener.handshakes.total == 1)  # counted at accept
         reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
         started = time.monotonic()
         with contextlib.suppress(ConnectionResetError):
@@ -813,8 +804,5 @@ async def test_a_tls_handshake_flood_is_closed_at_accept_past_the_cap(
         assert "TLS handshakes in progress" in caplog.text
     finally:
         silent.close()
-    for _ in range(200):
-        if rig.front._listener.handshakes.total == 0:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: rig.front._listener.handshakes.total == 0)
     assert (await send(rig, get("/connections/payments/version"))).status == 200

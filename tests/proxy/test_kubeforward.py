@@ -13,7 +13,7 @@ from typing import Any
 
 from jitgate.proxy import kubeforward, wsframes
 from jitgate.proxy.session import Relay
-from tests.proxy.test_wsframes import build, messages, parse
+from tests.kubestreams import build, messages, parse
 
 
 class Transport:

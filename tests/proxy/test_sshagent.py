@@ -61,18 +61,14 @@ def ssh_agent(tmp_path: Path) -> Iterator[tuple[Path, str]]:
 async def _agent_keys(
     rig: ssh_rig.Rig, connection: str, agent_socket: Path
 ) -> asyncssh.SSHCompletedProcess:
-    conn, _ = await asyncssh.create_connection(
+    conn, _ = await ssh_rig.log_in(
+        rig,
         ssh_rig.Agent,
-        "127.0.0.1",
-        rig.port,
-        username=connection,
-        password=ssh_rig.TOKEN,
-        known_hosts=None,
-        config=None,
+        connection,
+        ssh_rig.TOKEN,
+        None,
         agent_path=str(agent_socket),
         agent_forwarding=True,
-        client_keys=None,
-        preferred_auth="password",
     )
     async with conn:
         return await conn.run("ssh-add -l")

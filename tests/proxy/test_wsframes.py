@@ -9,66 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jitgate.proxy import wsframes
+from tests.kubestreams import PING, build, messages, parse
 
 SIZES = (0, 1, 125, 126, 127, 65535, 65536, 70000)
-PING = 0x9
-
-
-def build(first: int, payload: bytes, mask: bytes | None = None) -> bytes:
-    """A frame as a server could send it: any first byte, masked if asked (a server must not)."""
-    size = len(payload)
-    bit = 0x80 if mask is not None else 0
-    if size < 126:
-        head = bytes([first, bit | size])
-    elif size < 1 << 16:
-        head = bytes([first, bit | 126]) + struct.pack("!H", size)
-    else:
-        head = bytes([first, bit | 127]) + struct.pack("!Q", size)
-    if mask is None:
-        return head + payload
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def parse(data: bytes) -> list[tuple[int, int, bytes]]:
-    """Whole frames only (first byte, payload length, unmasked payload); fails on a partial one."""
-    frames, at = [], 0
-    while at < len(data):
-        assert len(data) - at >= 2, "a frame head cut short"
-        first, second = data[at], data[at + 1]
-        size, at = second & 0x7F, at + 2
-        if size == 126:
-            size, at = struct.unpack("!H", data[at : at + 2])[0], at + 2
-        elif size == 127:
-            size, at = struct.unpack("!Q", data[at : at + 8])[0], at + 8
-        mask = data[at : at + 4] if second & 0x80 else None
-        at += 4 if mask else 0
-        payload = data[at : at + size]
-        assert len(payload) == size, "a frame cut short: the agent could not be sent a frame now"
-        at += size
-        if mask:
-            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        frames.append((first, size, payload))
-    return frames
-
-
-def messages(frames: list[tuple[int, int, bytes]]) -> list[tuple[int, bytes]]:
-    """Data messages (fragments joined, RFC 6455 §5.4) and control frames, in order."""
-    out: list[tuple[int, bytes]] = []
-    opcode, payload = -1, b""
-    for first, _, data in frames:
-        kind = first & 0x0F
-        if kind & 0x8:
-            assert first & 0x80, "a control frame is never fragmented (RFC 6455 §5.5)"
-            out.append((kind, data))
-            continue
-        assert (kind == wsframes.CONTINUATION) == (opcode != -1), "fragments out of order"
-        opcode = kind if opcode == -1 else opcode
-        payload += data
-        if first & 0x80:
-            out.append((opcode, payload))
-            opcode, payload = -1, b""
-    assert opcode == -1, "a message left open"
-    return out
 
 
 def relay(data: bytes, cuts: list[int]) -> list[bytes]:
