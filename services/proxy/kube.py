@@ -28,7 +28,7 @@ from jitgate.proxy import kubehttp, kubepolicy
 from jitgate.proxy.caps import Tally, Throttle, peer_address
 from jitgate.proxy.config import KubeTarget
 from jitgate.proxy.gate import Gate
-from jitgate.proxy.kubeforward import CHUNK, Forward, loggable, upstream_context
+from jitgate.proxy.kubeforward import CHUNK, Forward, loggable, receive, upstream_context
 from jitgate.proxy.kubegrants import Grants, Held, Refused, ended
 from jitgate.proxy.tlslisten import TlsListener
 
@@ -83,14 +83,6 @@ class Agent:
         self.http = h11.Connection(h11.SERVER)
         _, self.client = peer_address(writer.get_extra_info("peername"))
 
-    async def _receive(self, conn: h11.Connection, reader: asyncio.StreamReader) -> object:
-        """The next h11 event of conn (or PAUSED), reading from reader as needed."""
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            conn.receive_data(await reader.read(CHUNK))
-
     async def send(self, event: h11.Event) -> None:
         """Send one h11 event to the agent and wait until it is taken."""
         data = self.http.send(event)
@@ -110,7 +102,7 @@ class Agent:
             async with asyncio.timeout(idle):
                 self.http.receive_data(await self.reader.read(CHUNK))
         async with asyncio.timeout(self.front.limits.header_timeout):
-            return await self._receive(self.http, self.reader)
+            return await receive(self.http, self.reader)
 
     async def serve(self) -> None:
         """Answer requests until the agent leaves, idles out or breaks the protocol."""

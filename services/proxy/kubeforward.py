@@ -45,6 +45,15 @@ def _is_watch(query: str, headers: kubehttp.Headers) -> bool:
     return watching and bool(types) and types[0].startswith(b"application/json")
 
 
+async def receive(conn: h11.Connection, reader: asyncio.StreamReader) -> object:
+    """The next h11 event of conn (or PAUSED), reading from reader as needed."""
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(await reader.read(CHUNK))
+
+
 def _last_words(agent: asyncio.WriteTransport, data: bytes) -> None:
     """Write data and close: the agent has CLOSE_GRACE to read it, then it is cut anyway."""
     with contextlib.suppress(Exception):
@@ -327,7 +336,7 @@ class Forward:
         agent, stats = self.agent, self.held.stats
         assert self.upstream is not None
         while agent.http.their_state is h11.SEND_BODY:
-            event = await agent._receive(agent.http, agent.reader)
+            event = await receive(agent.http, agent.reader)
             if isinstance(event, h11.Data):
                 stats.bytes_from_client += len(event.data)
                 self.upstream.write(up.send(event) or b"")
@@ -358,7 +367,7 @@ class Forward:
 
     async def _receive_upstream(self, up: h11.Connection, reader: asyncio.StreamReader) -> object:
         """The next h11 event from the API server."""
-        return await self.agent._receive(up, reader)
+        return await receive(up, reader)
 
     async def _response(
         self, up: h11.Connection, reader: asyncio.StreamReader
